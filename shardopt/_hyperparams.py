@@ -1,0 +1,112 @@
+"""Hyperparameters as array leaves or schedules, validated once at construction."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike
+
+
+class AbstractSchedule(eqx.Module):
+    """A function of the step count whose own numbers are array leaves.
+
+    Calling it with an int32 count returns a float32 scalar. Because the numbers
+    are leaves, ``eqx.tree_at`` can change e.g. a peak learning rate without
+    recompiling a jitted step.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, count: ArrayLike) -> Array:
+        """The value at step ``count``."""
+
+
+Schedule = AbstractSchedule | Callable[[Array], ArrayLike]
+Hyperparameter = Array | Schedule
+ScalarOrSchedule = float | ArrayLike | Schedule
+
+
+def _is_schedule(value: Any) -> bool:
+    return isinstance(value, AbstractSchedule) or (
+        callable(value) and not isinstance(value, (jax.Array, np.ndarray))
+    )
+
+
+def as_hyperparameter(
+    value: ScalarOrSchedule, *, name: str, nonnegative: bool = False
+) -> Hyperparameter:
+    """A float becomes a float32 scalar array; a schedule stays a schedule.
+
+    Raises if a concrete value is not a finite real scalar (or is negative where
+    ``nonnegative``), naming the argument.
+    """
+    if _is_schedule(value) or isinstance(value, jax.core.Tracer):
+        return value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be a float or a schedule, got {type(value).__name__}"
+        ) from err
+    if array.shape != () or not (
+        np.issubdtype(array.dtype, np.floating)
+        or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"{name} must be a real scalar or a schedule, got "
+            f"{array.dtype.name} array of shape {array.shape}"
+        )
+    if not np.isfinite(array):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if nonnegative and array < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return jnp.asarray(array, dtype=jnp.float32)
+
+
+def hyperparameter(name: str, *, nonnegative: bool = False) -> Any:
+    """A Module field holding a hyperparameter (see :func:`as_hyperparameter`)."""
+    return eqx.field(
+        converter=functools.partial(
+            as_hyperparameter, name=name, nonnegative=nonnegative
+        ),
+        metadata={"hyperparameter": {"nonnegative": nonnegative}},
+    )
+
+
+def hyperparameter_fields(module: eqx.Module) -> dict[str, dict]:
+    """The hyperparameter fields of ``module``: name -> their constraints."""
+    return {
+        f.name: f.metadata["hyperparameter"]
+        for f in dataclasses.fields(module)
+        if "hyperparameter" in f.metadata
+    }
+
+
+def resolve(value: Hyperparameter, count: Array, *, name: str) -> Array:
+    """The hyperparameter's value at step ``count``: a float32 scalar array.
+
+    A schedule that returns anything but a scalar is rejected at trace time.
+    """
+    if not _is_schedule(value):
+        return value
+    out = jnp.asarray(value(count))
+    if out.shape != ():
+        raise ValueError(
+            f"the schedule given as {name} returned shape {out.shape} at step "
+            "count; a schedule must return a scalar"
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        out = out.astype(jnp.float32)
+    return out
+
+
+def cast_like(scalar: Array, leaf: Array) -> Array:
+    """``scalar`` in ``leaf``'s dtype, as optax's weakly typed Python floats behave."""
+    return scalar.astype(leaf.dtype)

@@ -1,0 +1,141 @@
+"""The stateful optimizer: one Module holding a transform, its state and a count."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from ._base import AbstractTransform, Params, State, apply_updates, safe_increment
+from ._hyperparams import as_hyperparameter, hyperparameter_fields
+from ._tree import check_grads_match, trainable
+
+
+def _is_abstract(tree: PyTree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+class Optimizer(eqx.Module):
+    """A transform together with its state: the optimizer a training loop holds.
+
+    ``Optimizer(transform, params)`` initialises the state for the trainable
+    leaves of ``params`` (floating arrays; everything else in an Equinox model is
+    left alone). With ``jax.ShapeDtypeStruct`` leaves the state is abstract too,
+    so its shapes are known before anything is allocated.
+
+    ``params, opt = opt.step(params, grads)`` applies one step. The optimizer is
+    a pytree: pass it through ``eqx.filter_jit`` (donation included) like a model.
+
+    Example::
+
+        opt = shardopt.Optimizer(shardopt.adamw(1e-3), model)
+
+        @eqx.filter_jit(donate="all")
+        def train_step(model, opt, x, y):
+            grads = eqx.filter_grad(loss)(model, x, y)
+            return opt.step(model, grads)
+    """
+
+    transform: AbstractTransform
+    state: State
+    count: Array
+
+    def __init__(self, transform: AbstractTransform, params: Params):
+        if not isinstance(transform, AbstractTransform):
+            raise TypeError(
+                f"Optimizer needs a shardopt transform (e.g. shardopt.adamw(1e-3)), "
+                f"got {type(transform).__name__}"
+            )
+        self.transform = transform
+        params = trainable(params)
+        if _is_abstract(params):
+            self.state = jax.eval_shape(transform.init, params)
+            self.count = jax.ShapeDtypeStruct((), jnp.int32)
+        else:
+            self.state = transform.init(params)
+            self.count = jnp.zeros([], jnp.int32)
+
+    def step(self, params: Params, grads: PyTree) -> tuple[Params, Optimizer]:
+        """Apply one update: return the new parameters and the new optimizer.
+
+        ``grads`` must match the trainable leaves of ``params`` in tree, shape and
+        dtype (``None`` where a leaf is not trained, as ``eqx.filter_grad`` gives).
+        """
+        trainable_params = trainable(params)
+        check_grads_match(grads, trainable_params)
+        updates, state = self.transform.update(
+            trainable(grads), self.state, trainable_params
+        )
+        new_params = apply_updates(params, updates)
+        new_self = eqx.tree_at(
+            lambda o: (o.state, o.count), self, (state, safe_increment(self.count))
+        )
+        return new_params, new_self
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every hyperparameter of the transform by name (a value or a schedule)."""
+        found: dict[str, Any] = {}
+        for module in _transforms_in(self.transform):
+            for name in hyperparameter_fields(module):
+                found.setdefault(name, getattr(module, name))
+        return found
+
+    def with_hyperparameters(self, **values: Any) -> Optimizer:
+        """A copy with hyperparameters replaced by name, e.g. ``learning_rate=1e-4``.
+
+        Every transform with a hyperparameter of that name gets the new value,
+        validated as in the constructors. The state (moments, counts) is kept, and
+        a jitted step does not recompile unless a float becomes a schedule.
+        """
+        transform = self.transform
+        for name, value in values.items():
+            transform, replaced = _replace_hyperparameter(transform, name, value)
+            if not replaced:
+                raise ValueError(
+                    f"no hyperparameter named {name!r}; this optimizer has: "
+                    f"{', '.join(sorted(self.hyperparameters())) or 'none'}"
+                )
+        return eqx.tree_at(lambda o: o.transform, self, transform)
+
+
+def _transforms_in(node: Any) -> list[AbstractTransform]:
+    """Every transform Module inside ``node`` (through tuples and fields)."""
+    if isinstance(node, (tuple, list)):
+        return [t for child in node for t in _transforms_in(child)]
+    if not isinstance(node, AbstractTransform):
+        return []
+    found = [node]
+    for field in dataclasses.fields(node):
+        found += _transforms_in(getattr(node, field.name))
+    return found
+
+
+def _replace_hyperparameter(node: Any, name: str, value: Any) -> tuple[Any, int]:
+    """``node`` with every transform's hyperparameter ``name`` set; and how many."""
+    if isinstance(node, (tuple, list)):
+        pairs = [_replace_hyperparameter(child, name, value) for child in node]
+        return type(node)(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if not isinstance(node, AbstractTransform):
+        return node, 0
+    replaced = 0
+    fields = hyperparameter_fields(node)
+    for field in dataclasses.fields(node):
+        if field.name == name and name in fields:
+            new = as_hyperparameter(value, name=name, **fields[name])
+            replaced += 1
+        else:
+            new, count = _replace_hyperparameter(getattr(node, field.name), name, value)
+            if not count:
+                continue
+            replaced += count
+        node = eqx.tree_at(
+            lambda m, f=field.name: getattr(m, f),
+            node,
+            new,
+            is_leaf=lambda x: x is None,
+        )
+    return node, replaced

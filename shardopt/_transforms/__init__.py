@@ -1,0 +1,1 @@
+"""The transforms: small Modules that each do one thing to the updates."""

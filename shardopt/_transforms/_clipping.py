@@ -1,0 +1,76 @@
+"""Clipping of update values and of their global norm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._base import (
+    AbstractTransform,
+    CountState,
+    Params,
+    Updates,
+    safe_increment,
+    zero_count,
+)
+from .._hyperparams import Hyperparameter, ScalarOrSchedule, hyperparameter, resolve
+from .._tree_math import global_norm
+
+
+class Clip(AbstractTransform):
+    """Clip every update value to ``[-max_delta, max_delta]``."""
+
+    max_delta: Hyperparameter = hyperparameter("max_delta", nonnegative=True)
+
+    def init(self, params: Params) -> CountState:
+        del params
+        return CountState(zero_count())
+
+    def update(
+        self, grads: Updates, state: CountState, params: Params | None = None
+    ) -> tuple[Updates, CountState]:
+        del params
+        bound = resolve(self.max_delta, state.count, name="max_delta")
+        updates = jax.tree.map(
+            lambda g: jnp.clip(g, (-bound).astype(g.dtype), bound.astype(g.dtype)),
+            grads,
+        )
+        return updates, CountState(safe_increment(state.count))
+
+
+class ClipByGlobalNorm(AbstractTransform):
+    """Rescale the updates so that their global L2 norm is at most ``max_norm``.
+
+    Pascanu et al., "On the difficulty of training recurrent neural networks",
+    ICML 2013.
+    """
+
+    max_norm: Hyperparameter = hyperparameter("max_norm", nonnegative=True)
+
+    def init(self, params: Params) -> CountState:
+        del params
+        return CountState(zero_count())
+
+    def update(
+        self, grads: Updates, state: CountState, params: Params | None = None
+    ) -> tuple[Updates, CountState]:
+        del params
+        max_norm = resolve(self.max_norm, state.count, name="max_norm")
+        norm = global_norm(grads)
+        keep = norm < max_norm.astype(norm.dtype)
+
+        def clip(g):
+            scaled = (g / norm.astype(g.dtype)) * max_norm.astype(g.dtype)
+            return jax.lax.select(keep, g, scaled)
+
+        return jax.tree.map(clip, grads), CountState(safe_increment(state.count))
+
+
+def clip(max_delta: ScalarOrSchedule) -> Clip:
+    """Clip updates element-wise to ``[-max_delta, max_delta]``."""
+    return Clip(max_delta)
+
+
+def clip_by_global_norm(max_norm: ScalarOrSchedule) -> ClipByGlobalNorm:
+    """Scale updates down so their global norm does not exceed ``max_norm``."""
+    return ClipByGlobalNorm(max_norm)

@@ -1,0 +1,72 @@
+"""Tree utilities: which leaves are trained, path names, and grads-vs-params checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PyTree
+
+
+def is_trainable(x: Any) -> bool:
+    """True for floating arrays (concrete, traced or abstract): the leaves we train."""
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) and bool(
+        jnp.issubdtype(x.dtype, jnp.inexact)
+    )
+
+
+def trainable(tree: PyTree) -> PyTree:
+    """``tree`` with every non-trainable leaf replaced by ``None``."""
+    return jax.tree.map(lambda x: x if is_trainable(x) else None, tree)
+
+
+def path_str(path: tuple) -> str:
+    """A key path as users write it (``['layers'][0].weight``), ``<root>`` if empty."""
+    return jax.tree_util.keystr(path) if path else "<root>"
+
+
+def leaf_paths(tree: PyTree) -> dict[str, Any]:
+    """Map each leaf's path string to the leaf."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_str(path): leaf for path, leaf in flat}
+
+
+def describe(x: Any) -> str:
+    """``float32[3,4]``-style description of an array-like leaf."""
+    shape = ",".join(str(d) for d in x.shape)
+    return f"{jnp.dtype(x.dtype).name}[{shape}]"
+
+
+def check_grads_match(grads: PyTree, params: PyTree) -> None:
+    """Raise if ``grads`` is not laid out exactly like the trainable ``params``.
+
+    Runs at trace time (shapes and dtypes are static), so it costs nothing per
+    step. Nothing is broadcast: every leaf must match in shape and dtype.
+    """
+    params, grads = trainable(params), trainable(grads)
+    expected, got = leaf_paths(params), leaf_paths(grads)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra or jax.tree.structure(grads) != jax.tree.structure(params):
+        lines = ["grads are not laid out like the trainable parameters."]
+        if missing:
+            lines.append(f"  missing from grads: {', '.join(missing)}")
+        if extra:
+            lines.append(f"  not among the parameters: {', '.join(extra)}")
+        if not (missing or extra):
+            lines.append(
+                f"  same leaves, different containers:\n"
+                f"    params: {jax.tree.structure(params)}\n"
+                f"    grads:  {jax.tree.structure(grads)}"
+            )
+        raise ValueError("\n".join(lines))
+    for path, param in expected.items():
+        grad = got[path]
+        if grad.shape != param.shape or grad.dtype != param.dtype:
+            raise ValueError(
+                f"the gradient at {path} is {describe(grad)} but the parameter is "
+                f"{describe(param)}; grads must match their parameter in shape "
+                "and dtype (nothing is broadcast or cast)."
+            )

@@ -1,0 +1,74 @@
+"""The numerics shared by transforms, written once with explicit dtypes.
+
+Scalars (hyperparameters) are cast to the dtype of the array they multiply,
+which is how optax's weakly typed Python floats behave; arrays of different
+dtypes are promoted explicitly, so the code runs under strict dtype promotion.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+
+def promote(*arrays: Array) -> tuple[Array, ...]:
+    """The arrays cast to their common (standard-lattice) dtype."""
+    dtype = functools.reduce(jnp.promote_types, (a.dtype for a in arrays))
+    return tuple(a.astype(dtype) for a in arrays)
+
+
+def add(a: Array, b: Array) -> Array:
+    """``a + b`` in the promoted dtype."""
+    a, b = promote(a, b)
+    return a + b
+
+
+def ema(grad: Array, moment: Array, decay: Array, order: int) -> Array:
+    """``(1 - decay) * grad**order + decay * moment``: a moment's moving average."""
+    new = (1 - decay).astype(grad.dtype) * grad**order
+    return add(new, decay.astype(moment.dtype) * moment)
+
+
+def bias_correction(moment: Array, decay: Array, count: Array) -> Array:
+    """``moment / (1 - decay**count)``; the factor is computed in float32."""
+    factor = 1 - decay ** count.astype(decay.dtype)
+    return moment / factor.astype(moment.dtype)
+
+
+def zeros_like(tree: PyTree, dtype: jnp.dtype | None = None) -> PyTree:
+    """Zeros shaped like each leaf (arrays, tracers or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
+
+
+def full_like(tree: PyTree, value: Array) -> PyTree:
+    """``value`` (cast to each leaf's dtype) shaped like each leaf."""
+    return jax.tree.map(lambda x: jnp.full(x.shape, value.astype(x.dtype)), tree)
+
+
+def cast(tree: PyTree, dtype: jnp.dtype | None) -> PyTree:
+    """Every leaf cast to ``dtype``; unchanged when ``dtype`` is None."""
+    return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
+    """Every leaf cast to the dtype of the matching leaf of ``reference``."""
+    return jax.tree.map(lambda x, r: x.astype(r.dtype), tree, reference)
+
+
+def global_norm(tree: PyTree) -> Array:
+    """The L2 norm of all leaves together: ``sqrt(sum_i sum(leaf_i ** 2))``.
+
+    Each leaf is summed in its own dtype, then the sums are added in order.
+    """
+    total = jnp.zeros([], jnp.int32)
+    for leaf in jax.tree.leaves(tree):
+        total = add(total, jnp.sum(jnp.square(leaf)))
+    return jnp.sqrt(total)
+
+
+def canonical_dtype(dtype: jnp.dtype | str | None) -> jnp.dtype | None:
+    """``dtype`` as a NumPy dtype (honouring x64 settings), or None."""
+    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
