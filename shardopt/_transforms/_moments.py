@@ -290,7 +290,7 @@ class ScaleByLion(AbstractTransform):
 def trace(
     decay: ScalarOrSchedule, nesterov: bool = False, accumulator_dtype=None
 ) -> Trace:
-    """Momentum: ``trace = g + decay * trace``, emitted as is or with Nesterov's step."""
+    """Momentum: ``trace = g + decay * trace``, emitted as is or Nesterov-style."""
     return Trace(decay, nesterov, canonical_dtype(accumulator_dtype))
 
 
