@@ -1,0 +1,194 @@
+"""Benchmark shardopt.checkpoint against plain Orbax on ~350 MB of ZeRO-1 state.
+
+Measures, for the same tree (an 8-layer MLP's parameters and its AdamW state,
+moments partitioned over 8 devices): the full save (until written), the time
+until ``save`` returns (async blocking), restore onto the same mesh, and restore
+onto another mesh ((4, 2) with a model axis). Plain Orbax is
+``ocp.StandardCheckpointer`` saving the same array leaves. Prints a markdown
+table of medians and ratios.
+
+    PYTHONPATH=. python scripts/bench_checkpoint.py [--repeats 5] [--dir /tmp/...]
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardopt
+from shardopt.checkpoint import CheckpointManager
+
+
+def build(width: int, layers: int):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    keys = jax.random.split(jax.random.key(0), layers)
+    params = {
+        f"layer{i}": {
+            "w": jax.random.normal(k, (width, width), jnp.float32),
+            "b": jnp.zeros((width,), jnp.float32),
+        }
+        for i, k in enumerate(keys)
+    }
+    opt = shardopt.Optimizer(shardopt.adamw(1e-3), params)
+    grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+    params, opt = opt.step(params, grads)
+
+    def zero1(x):
+        spec = P("data") if x.ndim and x.shape[0] % 8 == 0 else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    opt = eqx.combine(
+        jax.tree.map(zero1, eqx.filter(opt, eqx.is_array)),
+        eqx.filter(opt, eqx.is_array, inverse=True),
+    )
+    return params, opt
+
+
+def other_mesh_like(tree):
+    """The same tree as ShapeDtypeStructs on a (4, 2) ('data', 'model') mesh."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+
+    def spec(x):
+        if x.ndim == 2:
+            return P("data", "model")
+        return P("data") if x.ndim == 1 else P()
+
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))
+            )
+            if eqx.is_array(x)
+            else x
+        ),
+        tree,
+    )
+
+
+def same_like(tree):
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if eqx.is_array(x)
+            else x
+        ),
+        tree,
+    )
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(eqx.filter(out, eqx.is_array))
+    return time.perf_counter() - start, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir or "/tmp")
+    try:
+        run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, root):
+    params, opt = build(args.width, args.layers)
+    arrays = {"params": params, "opt": eqx.filter(opt, eqx.is_array)}
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
+    like_same = same_like({"params": params, "opt": opt})
+    like_other = other_mesh_like({"params": params, "opt": opt})
+    plain_same = {
+        "params": like_same["params"],
+        "opt": eqx.filter(
+            like_same["opt"], lambda x: isinstance(x, jax.ShapeDtypeStruct)
+        ),
+    }
+    plain_other = {
+        "params": like_other["params"],
+        "opt": eqx.filter(
+            like_other["opt"], lambda x: isinstance(x, jax.ShapeDtypeStruct)
+        ),
+    }
+
+    results = {k: [] for k in ("save", "block", "restore", "reshard")}
+    results = {"orbax": {k: [] for k in results}, "shardopt": {k: [] for k in results}}
+    for rep in range(args.repeats + 1):  # the first round warms up
+        # plain Orbax
+        path = os.path.join(root, f"plain{rep}")
+        ckptr = ocp.StandardCheckpointer()
+        start = time.perf_counter()
+        ckptr.save(path, arrays)
+        block = time.perf_counter() - start
+        ckptr.wait_until_finished()
+        save = time.perf_counter() - start
+        restore, _ = timed(lambda: ckptr.restore(path, plain_same))  # noqa: B023
+        reshard, _ = timed(lambda: ckptr.restore(path, plain_other))  # noqa: B023
+        ckptr.close()
+        shutil.rmtree(path)
+        if rep:
+            for k, v in zip(results["orbax"], (save, block, restore, reshard)):
+                results["orbax"][k].append(v)
+        # shardopt
+        path = os.path.join(root, f"shardopt{rep}")
+        manager = CheckpointManager(path)
+        start = time.perf_counter()
+        manager.save(1, params=params, opt=opt)
+        block = time.perf_counter() - start
+        manager.wait()
+        save = time.perf_counter() - start
+        restore, got = timed(
+            lambda: manager.restore(params=like_same["params"], opt=like_same["opt"])  # noqa: B023
+        )
+        reshard, _ = timed(
+            lambda: manager.restore(params=like_other["params"], opt=like_other["opt"])  # noqa: B023
+        )
+        if rep == 0:
+            assert eqx.tree_equal(eqx.filter(got.opt, eqx.is_array), arrays["opt"])
+        manager.close()
+        shutil.rmtree(path)
+        if rep:
+            for k, v in zip(results["shardopt"], (save, block, restore, reshard)):
+                results["shardopt"][k].append(v)
+
+    labels = {
+        "save": "save (until written)",
+        "block": "save returns (async blocking)",
+        "restore": "restore, same mesh (8,)",
+        "reshard": "restore onto (4, 2) mesh",
+    }
+    print(
+        f"{nbytes / 2**20:.0f} MiB of params + AdamW state, {jax.device_count()} "
+        f"devices, median of {args.repeats}\n"
+    )
+    print("| operation | plain Orbax (s) | shardopt (s) | ratio |")
+    print("|---|---|---|---|")
+    for key, label in labels.items():
+        a = statistics.median(results["orbax"][key])
+        b = statistics.median(results["shardopt"][key])
+        print(f"| {label} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

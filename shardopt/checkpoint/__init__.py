@@ -1,0 +1,8 @@
+"""Orbax checkpoints of parameters and Optimizers that restore onto any mesh."""
+
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointMismatchError as CheckpointMismatchError
+from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._errors import ChecksumError as ChecksumError
+from ._manager import CheckpointManager as CheckpointManager
+from ._manager import Restored as Restored

@@ -1,0 +1,485 @@
+"""CheckpointManager: params, Optimizer and extras through Orbax, onto any mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob
+import os
+import shutil
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jaxtyping import PyTree
+
+from .._optimizer import Optimizer
+from ._checksum import combine, dispatch
+from ._errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ChecksumError,
+    mismatch_message,
+)
+from ._handler import ChecksumRestore, ChecksumSave
+from ._tree import (
+    abstract_target,
+    describe_sharding,
+    find_mesh,
+    for_saving,
+    from_nested,
+    nested_paths,
+    replicated,
+    to_nested,
+)
+
+FORMAT = "shardopt-checkpoint/1"
+META = "shardopt"
+ARRAY_ITEMS = ("params", "opt_state", "opt_hyperparameters", "extras")
+ITEMS = (*ARRAY_ITEMS, "checksums", "shardopt")
+
+KEEP_HYPERPARAMETERS_HINT = (
+    "  The optimizer's transform differs from the saved one (another optimizer, or "
+    "a float that became a schedule?). To keep the moments and the count with the "
+    "target's hyperparameters, pass keep_hyperparameters=True."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What :meth:`CheckpointManager.restore` read: ``None`` for what was not asked.
+
+    ``params`` and ``opt`` have the structure and the shardings of the targets
+    that were passed; ``rng`` is the PRNG key, ``data`` the data-loader position
+    and ``metadata`` the JSON dict given to ``save``.
+    """
+
+    step: int
+    params: PyTree = None
+    opt: Optimizer | None = None
+    rng: jax.Array | None = None
+    data: Any = None
+    metadata: dict | None = None
+
+
+class CheckpointManager:
+    """Save and restore parameters, an Optimizer and extras with Orbax.
+
+    Each step is one directory holding Orbax items: ``params``, ``opt_state``
+    (the transform's state and the count), ``opt_hyperparameters`` (the array
+    leaves of the transform), ``extras`` (the PRNG key and checksums of every
+    array) and ``shardopt`` (JSON: metadata, data-loader position, every leaf's
+    shape, dtype and the layout it was saved from). Saving is asynchronous by
+    default: ``save`` returns once the arrays are copied to host memory, and a
+    step becomes visible (to ``latest_step`` and to restore) only when fully
+    written, since Orbax writes into a temporary directory and renames it.
+
+    ``restore`` takes target ("like") trees: live arrays or
+    ``jax.ShapeDtypeStruct`` with shardings. Every array is read straight into
+    the target's layout, so a checkpoint saved on one mesh restores onto any
+    other mesh, device count, ZeRO stage or number of processes.
+
+    Example::
+
+        ckpt = shardopt.checkpoint.CheckpointManager("/ckpt", max_to_keep=3)
+        ckpt.save(step, params=params, opt=opt, rng=key, data={"batch": 120})
+        ...
+        got = ckpt.restore(params=abstract_params, opt=abstract_opt)
+        params, opt = got.params, got.opt
+
+    Args:
+        directory: where the steps go; created unless ``create=False``.
+        max_to_keep: how many of the latest steps to keep (``None``: all).
+        keep_every: also keep every step that is a multiple of this.
+        async_save: write in a background thread (default) or block in ``save``.
+        create: create ``directory`` if missing; otherwise a missing directory
+            raises :class:`CheckpointNotFoundError`.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+        create: bool = True,
+    ):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if not create and not os.path.isdir(self.directory):
+            raise CheckpointNotFoundError(
+                f"no checkpoint directory at {self.directory}"
+            )
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointNotFoundError(f"{self.directory} is not a directory")
+        policies: list[Any] = []
+        if max_to_keep is not None:
+            policies.append(ocp.checkpoint_managers.LatestN(n=max_to_keep))
+        if keep_every is not None:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+        policy = (
+            ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+            if policies
+            else None
+        )
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            create=create,
+            cleanup_tmp_directories=True,
+            preservation_policy=policy,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None
+
+    # ------------------------------------------------------------------ steps
+    def all_steps(self) -> list[int]:
+        """The steps fully written, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest fully written step, or ``None`` when there is none."""
+        return self._manager.latest_step()
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save is written.
+
+        Raises :class:`CheckpointError` if it failed (a full disk, say): its
+        partial directory is removed and the steps saved before are untouched.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            step, self._pending = self._pending, None
+            self._remove_partial(step)
+            raise CheckpointError(
+                f"saving step {step} to {self.directory} failed: "
+                f"{type(err).__name__}: {_first_line(err)}. Nothing of step {step} "
+                f"was kept; the steps saved before are intact: {self.all_steps()}"
+            ) from err
+        self._pending = None
+
+    def close(self) -> None:
+        """Wait for pending saves (raising if one failed), then release resources."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _remove_partial(self, step: int | None) -> None:
+        if step is None or jax.process_index() != 0:
+            return
+        pattern = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")
+        for path in glob.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        *,
+        params: PyTree = None,
+        opt: Optimizer | None = None,
+        rng: jax.Array | None = None,
+        data: Any = None,
+        metadata: dict | None = None,
+    ) -> None:
+        """Save a step; returns once the arrays are copied (async) or written.
+
+        Args:
+            step: the step number; saving a step that exists raises.
+            params: the parameters (any pytree; non-array leaves are skipped).
+            opt: the Optimizer: its state, count and hyperparameters.
+            rng: a PRNG key (typed or raw ``uint32``).
+            data: a JSON value, e.g. the data loader's position.
+            metadata: a JSON dict stored with the step, shown by ``inspect``.
+        """
+        step = int(step)
+        if params is None and opt is None and rng is None:
+            raise ValueError("nothing to save: pass params=, opt= or rng=")
+        if opt is not None and not isinstance(opt, Optimizer):
+            raise TypeError(f"opt must be a shardopt.Optimizer, got {type(opt)}")
+        if step in self._manager.all_steps():
+            raise CheckpointError(
+                f"step {step} already exists in {self.directory}; it is not "
+                "overwritten (delete it first, or save under another step)"
+            )
+        self.wait()  # surface a failed previous save before starting another
+
+        items: dict[str, dict] = {}
+        if params is not None:
+            items["params"] = to_nested(params)
+        if opt is not None:
+            items["opt_state"] = to_nested({"state": opt.state, "count": opt.count})
+            items["opt_hyperparameters"] = to_nested(opt.transform)
+        rng_impl = None
+        extras: dict[str, Any] = {}
+        if rng is not None:
+            if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+                rng_impl = str(jax.random.key_impl(rng))
+                rng = jax.random.key_data(rng)
+            extras["rng"] = rng
+        items = {name: for_saving(tree) for name, tree in items.items() if tree}
+        extras = for_saving(extras)
+
+        names, leaves, described = [], [], {}
+        for name, tree in [*items.items(), ("extras", extras)]:
+            described[name] = {}
+            for path, leaf in nested_paths(tree).items():
+                names.append(f"{name}/{path}")
+                leaves.append(leaf)
+                described[name][path] = {
+                    "shape": list(leaf.shape),
+                    "dtype": np.dtype(leaf.dtype).name,
+                    "bytes": int(leaf.size * np.dtype(leaf.dtype).itemsize),
+                    "layout": describe_sharding(leaf.sharding),
+                }
+        parts = dispatch(leaves)
+
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "metadata": metadata if metadata is not None else {},
+            "data": data,
+            "rng_impl": rng_impl,
+            "layout": _layout(params, opt),
+            "leaves": described,
+            "checksum_order": names,
+        }
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        if extras:
+            args["extras"] = ocp.args.StandardSave(extras)
+        args["checksums"] = ChecksumSave(parts)
+        args[META] = ocp.args.JsonSave(meta)
+        self._pending = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as err:
+            self._pending = None
+            self._remove_partial(step)
+            raise CheckpointError(
+                f"saving step {step} to {self.directory} failed: "
+                f"{type(err).__name__}: {_first_line(err)}"
+            ) from err
+
+    # ---------------------------------------------------------------- restore
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON record of a step: metadata, data, every leaf and its layout."""
+        step = self._resolve(step)
+        try:
+            got = self._manager.restore(
+                step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+            )
+        except Exception as err:
+            raise CheckpointError(
+                f"step {step} in {self.directory} has no readable shardopt record "
+                f"({type(err).__name__}: {_first_line(err)}); was it saved by "
+                "shardopt.checkpoint?"
+            ) from err
+        meta = got[META]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(
+                f"step {step} in {self.directory} is not a {FORMAT} checkpoint"
+            )
+        return meta
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        params: PyTree = None,
+        opt: Optimizer | None = None,
+        keep_hyperparameters: bool = False,
+        verify: bool = True,
+    ) -> Restored:
+        """Restore a step (the latest by default) into the layout of the targets.
+
+        Only what is asked for is read: pass ``params`` alone for evaluation
+        without building an optimizer. Each target is a tree of live arrays or
+        ``jax.ShapeDtypeStruct`` with shardings (e.g. ``eqx.filter_eval_shape``
+        plus the plan's shardings); scalars without a NamedSharding are
+        replicated over the targets' mesh.
+
+        Args:
+            step: the step; the latest fully written one by default.
+            params: the target for the parameters.
+            opt: the target Optimizer (concrete or abstract).
+            keep_hyperparameters: keep ``opt``'s transform (a new learning rate
+                or schedule) and restore only its state and count.
+            verify: compare every array read with the checksum recorded at save.
+
+        Raises:
+            CheckpointNotFoundError: no such directory or step.
+            CheckpointMismatchError: the targets' leaves differ from the saved
+                ones (the message lists the paths).
+            ChecksumError / CheckpointError: an array file is corrupted.
+        """
+        step = self._resolve(step)
+        meta = self.metadata(step)
+        mesh = find_mesh(params) or find_mesh(opt)
+        targets: dict[str, dict] = {}
+        if params is not None:
+            targets["params"] = abstract_target(params, mesh)
+        if opt is not None:
+            targets["opt_state"] = abstract_target(
+                {"state": opt.state, "count": opt.count}, mesh
+            )
+            if not keep_hyperparameters:
+                targets["opt_hyperparameters"] = abstract_target(opt.transform, mesh)
+        saved_leaves = meta["leaves"]
+        for name, target in targets.items():
+            saved = {
+                p: (tuple(d["shape"]), d["dtype"])
+                for p, d in saved_leaves.get(name, {}).items()
+            }
+            if name not in saved_leaves:
+                raise CheckpointMismatchError(
+                    f"step {step} in {self.directory} holds no {name!r}; it has "
+                    f"{', '.join(k for k in saved_leaves if saved_leaves[k])}"
+                )
+            wanted = {
+                p: (tuple(x.shape), np.dtype(x.dtype).name)
+                for p, x in nested_paths(target).items()
+            }
+            hint = KEEP_HYPERPARAMETERS_HINT if name == "opt_hyperparameters" else ""
+            message = mismatch_message(name, saved, wanted, hint)
+            if message:
+                raise CheckpointMismatchError(
+                    f"step {step} in {self.directory}: {message}"
+                )
+        extras_target = {}
+        if "rng" in saved_leaves.get("extras", {}):
+            d = saved_leaves["extras"]["rng"]
+            extras_target["rng"] = jax.ShapeDtypeStruct(
+                tuple(d["shape"]), np.dtype(d["dtype"]), sharding=replicated(mesh)
+            )
+        args = {
+            name: ocp.args.StandardRestore(target)
+            for name, target in targets.items()
+            if target
+        }
+        if extras_target:
+            args["extras"] = ocp.args.StandardRestore(extras_target)
+        if verify:
+            args["checksums"] = ChecksumRestore()
+        try:
+            got = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:
+            raise CheckpointError(
+                f"reading step {step} from {self.directory} failed: "
+                f"{type(err).__name__}: {_first_line(err)}. An array file may be "
+                f"truncated or corrupted: run `shardopt-ckpt verify "
+                f"{self.directory} --step {step}`"
+            ) from err
+        if verify:
+            arrays = {n: got[n] for n in args if n != "checksums"}
+            _verify(step, self.directory, meta, arrays, got["checksums"])
+
+        out: dict[str, Any] = {"step": step, "data": meta["data"]}
+        out["metadata"] = meta["metadata"]
+        if params is not None:
+            out["params"] = from_nested(
+                got["params"] if targets["params"] else {}, params
+            )
+        if opt is not None:
+            state = got["opt_state"] if targets["opt_state"] else {}
+            transform = opt.transform
+            if not keep_hyperparameters and targets["opt_hyperparameters"]:
+                transform = from_nested(got["opt_hyperparameters"], opt.transform)
+            out["opt"] = eqx.tree_at(
+                lambda o: (o.state, o.count, o.transform),
+                opt,
+                (
+                    from_nested(state.get("state", {}), opt.state),
+                    state["count"],
+                    transform,
+                ),
+                is_leaf=lambda x: x is None,
+            )
+        if "rng" in extras_target:
+            rng = got["extras"]["rng"]
+            if meta["rng_impl"] is not None:
+                rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
+            out["rng"] = rng
+        return Restored(**out)
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not os.path.isdir(self.directory):
+            raise CheckpointNotFoundError(
+                f"no checkpoint directory at {self.directory}"
+            )
+        if step is None:
+            if not steps:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint in {self.directory}: the directory holds no "
+                    "fully written step"
+                )
+            return steps[-1]
+        if int(step) not in steps:
+            raise CheckpointNotFoundError(
+                f"no step {step} in {self.directory}; steps present: {steps or 'none'}"
+            )
+        return int(step)
+
+
+def _verify(
+    step: int, directory: str, meta: dict, got: dict, stored: list[list[int]]
+) -> None:
+    """Compare the arrays read with the checksums recorded at save time."""
+    order = {name: i for i, name in enumerate(meta["checksum_order"])}
+    names, leaves = [], []
+    for item, tree in got.items():
+        for path, leaf in nested_paths(tree).items():
+            name = f"{item}/{path}"
+            if name in order:
+                names.append(name)
+                leaves.append(leaf)
+    computed = combine(dispatch(leaves))
+    bad = [
+        name
+        for name, sums in zip(names, computed, strict=True)
+        if list(sums) != list(stored[order[name]])
+    ]
+    if bad:
+        raise ChecksumError(
+            f"step {step} in {directory}: {len(bad)} array(s) differ from what was "
+            f"saved (corrupted files?): {', '.join(bad[:20])}"
+        )
+
+
+def _layout(params: PyTree, opt: Optimizer | None) -> dict:
+    """What the step was saved from: processes, devices, meshes and plan."""
+    meshes = []
+    for tree in (params, opt):
+        mesh = find_mesh(tree) if tree is not None else None
+        if mesh is not None:
+            entry = {"axes": {str(k): int(v) for k, v in mesh.shape.items()}}
+            if entry not in meshes:
+                meshes.append(entry)
+    layout: dict[str, Any] = {
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "meshes": meshes,
+    }
+    plan = getattr(opt, "plan", None)
+    if plan is not None:
+        layout["plan"] = repr(plan)
+    return layout
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
