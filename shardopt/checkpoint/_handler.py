@@ -20,17 +20,14 @@ from orbax.checkpoint import checkpoint_args
 from orbax.checkpoint._src.futures import future
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
-from ._checksum import add_partials, combine
+from ._checksum import compute
 
 
 class ChecksumHandler(async_checkpoint_handler.AsyncCheckpointHandler):
-    """Writes ``partial_<process>.json``: this process's checksum parts."""
+    """Writes ``partial_<process>.json``: the checksums of this process's shards."""
 
-    async def _write(self, parts: list, directory: Any) -> None:
-        sums = combine(parts)
-        path = os.path.join(os.fspath(directory), f"partial_{jax.process_index()}.json")
-        with open(path, "w") as f:
-            json.dump(sums, f)
+    async def _write(self, shards: list, directory: Any) -> None:
+        write(compute(shards), os.fspath(directory))
 
     async def async_save(self, directory, args: ChecksumSave):
         return [
@@ -40,25 +37,28 @@ class ChecksumHandler(async_checkpoint_handler.AsyncCheckpointHandler):
         ]
 
     def save(self, directory, args: ChecksumSave):
-        combine_now = combine(args.parts)
-        path = os.path.join(os.fspath(directory), f"partial_{jax.process_index()}.json")
-        with open(path, "w") as f:
-            json.dump(combine_now, f)
+        write(compute(args.parts), os.fspath(directory))
 
     def restore(self, directory, args: ChecksumRestore | None = None) -> list:
         return read_checksums(os.fspath(directory))
 
 
-def read_checksums(directory: str) -> list[list[int]]:
-    """Add up the partial checksums written by every process."""
+def write(records: list, directory: str) -> None:
+    path = os.path.join(directory, f"partial_{jax.process_index()}.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+
+
+def read_checksums(directory: str) -> list[dict]:
+    """The shard checksums written by every process."""
     files = sorted(glob.glob(os.path.join(directory, "partial_*.json")))
     if not files:
         raise FileNotFoundError(f"no checksums in {directory}")
     partials = []
     for name in files:
         with open(name) as f:
-            partials.append(json.load(f))
-    return add_partials(partials)
+            partials += json.load(f)
+    return partials
 
 
 @checkpoint_args.register_with_handler(ChecksumHandler, for_save=True)

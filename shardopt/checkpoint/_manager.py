@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
 from .._optimizer import Optimizer
-from ._checksum import combine, dispatch
+from ._checksum import check, collect
 from ._errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -242,7 +242,7 @@ class CheckpointManager:
                     "bytes": int(leaf.size * np.dtype(leaf.dtype).itemsize),
                     "layout": describe_sharding(leaf.sharding),
                 }
-        parts = dispatch(leaves)
+        parts = collect(leaves)
 
         meta = {
             "format": FORMAT,
@@ -435,23 +435,21 @@ class CheckpointManager:
 
 
 def _verify(
-    step: int, directory: str, meta: dict, got: dict, stored: list[list[int]]
+    step: int, directory: str, meta: dict, got: dict, records: list[dict]
 ) -> None:
     """Compare the arrays read with the checksums recorded at save time."""
     order = {name: i for i, name in enumerate(meta["checksum_order"])}
-    names, leaves = [], []
+    by_leaf: dict[int, list] = {}
+    for record in records:
+        by_leaf.setdefault(record["leaf"], []).append(record)
+    bad = []
     for item, tree in got.items():
         for path, leaf in nested_paths(tree).items():
             name = f"{item}/{path}"
-            if name in order:
-                names.append(name)
-                leaves.append(leaf)
-    computed = combine(dispatch(leaves))
-    bad = [
-        name
-        for name, sums in zip(names, computed, strict=True)
-        if list(sums) != list(stored[order[name]])
-    ]
+            if name in order and leaf.is_fully_addressable:
+                problem = check(np.asarray(leaf), by_leaf.get(order[name], []))
+                if problem:
+                    bad.append(f"{name} ({problem})")
     if bad:
         raise ChecksumError(
             f"step {step} in {directory}: {len(bad)} array(s) differ from what was "

@@ -1,0 +1,216 @@
+"""Save and restore through shardopt.checkpoint: meshes, partial restores, bad input."""
+
+from __future__ import annotations
+
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _ckpt_helpers import abstract, arrays_equal, mesh, model, replicate, trained, zero1
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardopt
+from shardopt.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Step 5 saved from ZeRO-1 on 8 devices, with extras."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    m8 = mesh(8)
+    params, opt = trained()
+    params, opt = replicate(params, m8), zero1(opt, m8)
+    key = jax.random.key(42)
+    with CheckpointManager(directory) as ckpt:
+        ckpt.save(
+            5,
+            params=params,
+            opt=opt,
+            rng=key,
+            data={"epoch": 1, "batch": 120},
+            metadata={"run": "test"},
+        )
+    return directory, params, opt, key
+
+
+def abstract_opt(transform=None):
+    params = eqx.filter_eval_shape(model)
+    return shardopt.Optimizer(transform or shardopt.adamw(1e-2), params)
+
+
+def test_round_trip_with_extras(saved):
+    directory, params, opt, key = saved
+    ckpt = CheckpointManager(directory)
+    assert ckpt.all_steps() == [5] and ckpt.latest_step() == 5
+    got = ckpt.restore(params=params, opt=opt)
+    assert got.step == 5
+    assert arrays_equal(got.params, params) and arrays_equal(got.opt, opt)
+    assert got.opt.transform.transforms[2].flip_sign is True  # non-array leaf kept
+    assert jnp.array_equal(jax.random.key_data(got.rng), jax.random.key_data(key))
+    assert got.data == {"epoch": 1, "batch": 120}
+    assert got.metadata == {"run": "test"}
+    # the restored model still runs (its activation came from the target)
+    assert got.params(jnp.ones(8)).shape == (8,)
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["stage3_on_4_devices", "stage0_on_1_device", "mesh_4x2_model_axis", "explicit"],
+)
+def test_restore_onto_other_layouts(saved, name):
+    directory, params, opt, _ = saved
+    if name == "stage3_on_4_devices":
+        m = mesh(4)
+        spec = lambda x: NamedSharding(m, P("data") if x.ndim else P())
+        like_params = abstract(params, spec)
+    elif name == "stage0_on_1_device":
+        m = mesh(1)
+        spec = lambda x: NamedSharding(m, P())
+        like_params = abstract(params, spec)
+    elif name == "mesh_4x2_model_axis":
+        m = mesh(8, (4, 2), ("data", "model"))
+        spec = lambda x: NamedSharding(
+            m, P("data", "model") if x.ndim == 2 else P("data") if x.ndim else P()
+        )
+        like_params = abstract(params, spec)
+    else:
+        m = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+        spec = lambda x: NamedSharding(m, P("data") if x.ndim else P())
+        like_params = abstract(params, spec)
+    like_opt = abstract(abstract_opt(), spec)
+    got = CheckpointManager(directory).restore(params=like_params, opt=like_opt)
+    assert arrays_equal(got.params, params) and arrays_equal(got.opt, opt)
+    for x, want in zip(
+        jax.tree.leaves(eqx.filter(got.opt.state, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(like_opt.state, lambda x: hasattr(x, "sharding"))),
+        strict=True,
+    ):
+        assert x.sharding == want.sharding
+    # counts and hyperparameters come back replicated on the target's mesh
+    assert got.opt.count.sharding == NamedSharding(m, P())
+    # and the restored optimizer steps on
+    grads = jax.tree.map(
+        lambda x: jnp.ones_like(x) if eqx.is_array(x) else None, got.params
+    )
+    _, stepped = got.opt.step(got.params, grads)
+    assert int(stepped.count) == int(opt.count) + 1
+
+
+def test_params_only(saved):
+    directory, params, _, _ = saved
+    got = CheckpointManager(directory).restore(params=eqx.filter_eval_shape(model))
+    assert got.opt is None
+    assert arrays_equal(got.params, params)
+    assert got.params.layers[0].weight.sharding.device_set == {jax.devices()[0]}
+
+
+def test_new_learning_rate_keeps_moments(saved):
+    directory, _, opt, _ = saved
+    target = abstract_opt(shardopt.adamw(1e-4))
+    got = CheckpointManager(directory).restore(opt=target, keep_hyperparameters=True)
+    assert arrays_equal(got.opt.state, opt.state)
+    assert float(got.opt.hyperparameters()["learning_rate"]) == pytest.approx(1e-4)
+    # without keep_hyperparameters the saved learning rate comes back
+    got = CheckpointManager(directory).restore(opt=target)
+    assert float(got.opt.hyperparameters()["learning_rate"]) == pytest.approx(1e-2)
+
+
+def test_schedule_keeps_moments_and_hint(saved):
+    directory, _, opt, _ = saved
+    schedule = shardopt.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100)
+    target = abstract_opt(shardopt.adamw(schedule))
+    with pytest.raises(CheckpointMismatchError, match="keep_hyperparameters=True"):
+        CheckpointManager(directory).restore(opt=target)
+    got = CheckpointManager(directory).restore(opt=target, keep_hyperparameters=True)
+    assert arrays_equal(got.opt.state, opt.state)
+    assert isinstance(
+        got.opt.hyperparameters()["learning_rate"], shardopt.AbstractSchedule
+    )
+
+
+def test_other_model_lists_paths(saved):
+    directory, _, _, _ = saved
+    other = eqx.nn.MLP(8, 4, 16, 2, key=jax.random.key(1))
+    with pytest.raises(CheckpointMismatchError) as err:
+        CheckpointManager(directory).restore(params=other)
+    message = str(err.value)
+    assert "layers/2/weight: saved float32[8,16], target float32[4,16]" in message
+    assert "layers/2/bias" in message
+    deeper = eqx.nn.MLP(8, 8, 16, 3, key=jax.random.key(1))
+    with pytest.raises(
+        CheckpointMismatchError, match="not in the checkpoint: layers/3"
+    ):
+        CheckpointManager(directory).restore(params=deeper)
+
+
+def test_missing_empty_and_bad_step(tmp_path, saved):
+    directory, params, _, _ = saved
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint directory"):
+        CheckpointManager(tmp_path / "nope", create=False)
+    with pytest.raises(CheckpointNotFoundError, match="holds no fully written step"):
+        CheckpointManager(tmp_path / "empty").restore(params=params)
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"no step 7 .* steps present: \[5\]"
+    ):
+        CheckpointManager(directory).restore(7, params=params)
+
+
+def test_max_to_keep_keep_every_and_no_overwrite(tmp_path):
+    params = {"w": jnp.arange(8.0)}
+    with CheckpointManager(tmp_path, max_to_keep=2, keep_every=4) as ckpt:
+        for step in range(1, 10):
+            ckpt.save(step, params={"w": params["w"] + step})
+        ckpt.wait()
+        assert ckpt.all_steps() == [4, 8, 9]
+        with pytest.raises(CheckpointError, match="already exists"):
+            ckpt.save(9, params={"w": params["w"] * 0})
+    got = CheckpointManager(tmp_path).restore(params=params)
+    assert got.step == 9 and np.array_equal(got.params["w"], params["w"] + 9)
+
+
+def test_blocking_save(tmp_path):
+    with CheckpointManager(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, params={"w": jnp.ones(4)})
+        assert os.listdir(tmp_path) == ["1"]
+
+
+def _array_files(directory):
+    found = []
+    for root, _, files in os.walk(directory):
+        if os.sep + "d" in root[len(str(directory)) :] and "params" in root:
+            found += [os.path.join(root, f) for f in files]
+    return found
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_array_file(tmp_path, damage):
+    params = {"w": jnp.arange(4096.0).reshape(64, 64)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+        ckpt.save(2, params={"w": params["w"] + 1})
+    files = _array_files(tmp_path / "2")
+    assert files
+    for name in files:
+        with open(name, "rb") as f:
+            data = bytearray(f.read())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 3] ^= 0xFF
+        with open(name, "wb") as f:
+            f.write(bytes(data))
+    with pytest.raises(CheckpointError, match="step 2"):
+        CheckpointManager(tmp_path).restore(params=params)
+    # step 1 is untouched
+    got = CheckpointManager(tmp_path).restore(1, params=params)
+    assert np.array_equal(got.params["w"], params["w"])
