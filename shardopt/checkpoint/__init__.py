@@ -1,5 +1,6 @@
 """Orbax checkpoints of parameters and Optimizers that restore onto any mesh."""
 
+from ._cli import main as main
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
