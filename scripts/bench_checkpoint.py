@@ -148,7 +148,9 @@ def run(args, root):
         ckptr.close()
         shutil.rmtree(path)
         if rep:
-            for k, v in zip(results["orbax"], (save, block, restore, reshard)):
+            for k, v in zip(
+                results["orbax"], (save, block, restore, reshard), strict=True
+            ):
                 results["orbax"][k].append(v)
         # shardopt
         path = os.path.join(root, f"shardopt{rep}")
@@ -169,7 +171,9 @@ def run(args, root):
         manager.close()
         shutil.rmtree(path)
         if rep:
-            for k, v in zip(results["shardopt"], (save, block, restore, reshard)):
+            for k, v in zip(
+                results["shardopt"], (save, block, restore, reshard), strict=True
+            ):
                 results["shardopt"][k].append(v)
 
     labels = {
