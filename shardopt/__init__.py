@@ -38,3 +38,4 @@ from ._transforms._moments import trace as trace
 from ._transforms._scale import scale as scale
 from ._transforms._scale import scale_by_learning_rate as scale_by_learning_rate
 from ._transforms._scale import scale_by_schedule as scale_by_schedule
+from .checkpoint import CheckpointManager as CheckpointManager
