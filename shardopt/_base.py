@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from ._tree import is_trainable
+from ._tree_math import add
 
 Params = PyTree
 Updates = PyTree
@@ -90,10 +91,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     The sum is taken in the promoted dtype and rounded once to the parameter's.
     """
 
-    def add(update, param):
+    def apply(update, param):
         if update is None or not is_trainable(param):
             return param
-        dtype = jnp.promote_types(param.dtype, update.dtype)
-        return (param.astype(dtype) + update.astype(dtype)).astype(param.dtype)
+        return add(param, update).astype(param.dtype)
 
-    return jax.tree.map(add, updates, params, is_leaf=lambda x: x is None)
+    return jax.tree.map(apply, updates, params, is_leaf=lambda x: x is None)

@@ -15,8 +15,12 @@ from jaxtyping import Array, PyTree
 
 
 def promote(*arrays: Array) -> tuple[Array, ...]:
-    """The arrays cast to their common (standard-lattice) dtype."""
-    dtype = functools.reduce(jnp.promote_types, (a.dtype for a in arrays))
+    """The arrays cast to their common dtype on JAX's standard promotion lattice.
+
+    Explicit, so that it also holds where users enable strict promotion.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = functools.reduce(jnp.promote_types, (a.dtype for a in arrays))
     return tuple(a.astype(dtype) for a in arrays)
 
 

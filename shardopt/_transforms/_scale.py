@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 
 from .._base import (
@@ -44,7 +45,7 @@ class ScaleByLearningRate(AbstractTransform):
     """Multiply the updates by ``-learning_rate`` (``+`` when ``flip_sign=False``)."""
 
     learning_rate: Hyperparameter = hyperparameter("learning_rate", nonnegative=True)
-    flip_sign: bool = True
+    flip_sign: bool = eqx.field(static=True, default=True)
 
     def init(self, params: Params) -> CountState:
         del params
