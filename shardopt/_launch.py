@@ -301,29 +301,36 @@ class _Child:
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        # Exit times to the millisecond: which process failed first matters.
+        self.waiter = threading.Thread(target=self._wait, daemon=True)
+        self.waiter.start()
+
+    def _wait(self):
+        self.popen.wait()
+        self.ended = time.monotonic()
 
     def _read(self):
         assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-            if self.echo:
-                print(f"[process {self.process_id}] {line}", end="", flush=True)
+        with self.popen.stdout as stream:
+            for line in stream:
+                self.lines.append(line)
+                if self.echo:
+                    print(f"[process {self.process_id}] {line}", end="", flush=True)
 
     def poll(self) -> int | None:
-        code = self.popen.poll()
-        if code is not None and self.ended is None:
-            self.ended = time.monotonic()
-        return code
+        if self.ended is None:
+            return None
+        return self.popen.returncode
 
     def kill(self):
         if self.poll() is None:
             self.killed = True
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-            self.poll()
+            self.waiter.join()
 
     def result(self, start: float) -> ProcessResult:
+        self.waiter.join()
         self.reader.join(timeout=5)
         value = None
         code = self.popen.returncode
@@ -368,14 +375,44 @@ def _wait(children: list[_Child], timeout: float, heartbeat: int) -> None:
             child.kill()
 
 
+# What a process prints when it stops because a peer died: the coordinator's
+# heartbeat verdict, or a collective whose peer socket went away.
+_PEER_FAILURE = re.compile(
+    r"by peer|Socket closed|another task died|stopped sending heartbeats|"
+    r"leader task was preempted|Gloo \S+ failed|detected fatal errors"
+)
+
+
+def _first_failure_first(
+    failed: list[ProcessResult], children: list[_Child]
+) -> list[ProcessResult]:
+    """Failed processes, the one that caused the failure first.
+
+    By exit time; but a survivor can exit within milliseconds of the peer
+    whose death it reports, so among processes that exited within a second of
+    the first, one that does not report a peer's failure comes first.
+    """
+    failed = sorted(failed, key=lambda r: children[r.process_id].ended or 0.0)
+    if not failed:
+        return failed
+    t0 = children[failed[0].process_id].ended or 0.0
+    for i, r in enumerate(failed):
+        if (children[r.process_id].ended or 0.0) > t0 + 1.0:
+            break
+        if r.returncode != -signal.SIGABRT and not _PEER_FAILURE.search(r.output):
+            return [r, *failed[:i], *failed[i + 1 :]]
+    return failed
+
+
 def _failure_message(
     launch: LaunchResult, children: list[_Child], timeout: float
 ) -> str:
     results = launch.processes
     n = len(results)
     failed = [r for r in results if not r.ok]
-    ended = [r for r in failed if not r.killed_by_launcher]
-    ended.sort(key=lambda r: children[r.process_id].ended or float("inf"))
+    ended = _first_failure_first(
+        [r for r in failed if not r.killed_by_launcher], children
+    )
     # The first to fail shows its output first: its error is the cause.
     failed = ended + [r for r in failed if r.killed_by_launcher]
     lines = []

@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import socket
+import time
 from typing import Any
 
 import jax
@@ -36,7 +38,7 @@ through the coordinator at {address} within {timeout} s.
   Is process 0 running, and is the address (host and port) the one it serves on?
   Process 0 hosts the coordinator: it must start too, with the same address and
   the same number of processes.
-  The error from JAX was: {error}"""
+  The error was: {error}"""
 
 _NO_CLUSTER = """\
 initialize_multihost found no launcher environment ({env} unset) and JAX could \
@@ -106,6 +108,22 @@ def initialize_multihost(
         # on exactly the address given, not on every interface.
         kwargs["cluster_detection_method"] = "deactivate"
         kwargs["coordinator_bind_address"] = coordinator_address
+    if explicit and process_id != 0:
+        # JAX aborts the whole process (no Python exception) when it cannot
+        # register with the coordinator in time; wait for the port ourselves
+        # so that the failure is an error that names the address.
+        timeout = kwargs.get("initialization_timeout", 300)
+        error = _wait_for_port(coordinator_address, timeout)
+        if error is not None:
+            raise RuntimeError(
+                _UNREACHABLE.format(
+                    process_id=process_id,
+                    num_processes=num_processes,
+                    address=coordinator_address,
+                    timeout=timeout,
+                    error=error,
+                )
+            )
     try:
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, **kwargs
@@ -126,6 +144,21 @@ def initialize_multihost(
                 error=str(err).strip().splitlines()[0] if str(err) else repr(err),
             )
         ) from err
+
+
+def _wait_for_port(address: str, timeout: float) -> str | None:
+    """None once a TCP connection to ``host:port`` succeeds; else the last error."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return None
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                return f"{type(err).__name__}: {err}"
+        time.sleep(0.1)
 
 
 def _int(value: int | None, env: os._Environ, name: str) -> int | None:
