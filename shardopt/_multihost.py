@@ -206,6 +206,7 @@ def describe_tree(tree: Any) -> str:
 
 
 _DETAIL_BYTES = 8192
+_MAX_ITEMS = 16
 
 
 def check_processes_agree(**items: Any) -> None:
@@ -229,14 +230,35 @@ def check_processes_agree(**items: Any) -> None:
         raise TypeError("check_processes_agree needs at least one named item")
     if jax.process_count() == 1:
         return
+    if len(items) > _MAX_ITEMS:
+        raise TypeError(
+            f"check_processes_agree compares at most {_MAX_ITEMS} items at once, "
+            f"got {len(items)}: group them in a dict"
+        )
     described = {name: describe_tree(item) for name, item in sorted(items.items())}
-    text = "\n".join(f"== {name}\n{desc}" for name, desc in described.items())
-    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
-    digests = multihost_utils.process_allgather(digest)
-    if (digests == digests[0]).all():
+    # A fixed-size array whatever was passed, so that the collective matches
+    # on every process even when they pass different names: row 0 hashes the
+    # names, row 1 + i the description of item i.
+    digest = np.zeros((1 + _MAX_ITEMS, 32), np.uint8)
+    for row, text in enumerate([" ".join(described), *described.values()]):
+        digest[row] = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    digests = multihost_utils.process_allgather(digest)  # [process, 1 + item, 32]
+    if not (digests[:, 0] == digests[0, 0]).all():
+        differ = ["the names of the items checked"]
+        described = {differ[0]: " ".join(described)}
+        flat = digests[:, [0]]
+    else:
+        differ = [
+            name
+            for i, name in enumerate(described)
+            if not (digests[:, 1 + i] == digests[0, 1 + i]).all()
+        ]
+        flat = digests[:, [1 + list(described).index(n) for n in differ]]
+    if not differ:
         return
     # Every process took this branch (they all see the same digests), so the
     # second collective is matched on every process.
+    text = "\n".join(f"== {name}\n{described[name]}" for name in differ)
     encoded = text.encode()[:_DETAIL_BYTES]
     padded = np.zeros(_DETAIL_BYTES + 4, np.uint8)
     padded[:4] = np.frombuffer(np.uint32(len(encoded)).tobytes(), np.uint8)
@@ -246,17 +268,18 @@ def check_processes_agree(**items: Any) -> None:
     for row in gathered:
         size = int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])
         texts.append(row[4 : 4 + size].tobytes().decode(errors="replace"))
-    raise ProcessMismatchError(_mismatch_message(list(items), digests, texts))
+    raise ProcessMismatchError(_mismatch_message(differ, flat, texts))
 
 
 def _mismatch_message(names: list[str], digests: np.ndarray, texts: list[str]) -> str:
     groups: dict[bytes, list[int]] = {}
     for process, row in enumerate(digests):
         groups.setdefault(row.tobytes(), []).append(process)
+    # Sorted names, so the message is the same on every process.
     procs = list(groups.values())
     lines = [
         f"the {len(digests)} processes of this job disagree on "
-        f"{', '.join(sorted(names))} (this is process {jax.process_index()}).",
+        f"{', '.join(names)} (this is process {jax.process_index()}).",
         "  Every process must build the same mesh and the same parameter tree, "
         "with the same calls in the same order; only the data each process "
         "loads may differ.",

@@ -197,7 +197,7 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path, reference):
 
 
 @multiprocess
-@pytest.mark.parametrize("what", ["mesh", "params"])
+@pytest.mark.parametrize("what", ["mesh", "params", "names"])
 def test_processes_that_disagree_fail_on_every_process(what):
     start = time.monotonic()
     with pytest.raises(shardopt.LaunchError) as info:
@@ -207,13 +207,14 @@ def test_processes_that_disagree_fail_on_every_process(what):
         # Every process raised the error itself, none was killed or aborted.
         assert process.returncode == 1, process.how()
         assert "ProcessMismatchError" in process.output
-        assert "disagree on mesh, params" in process.output
+        differ = "the names of the items checked" if what == "names" else what
+        assert f"disagree on {differ} (this is process" in process.output
         assert "processes [0]; processes [1]" in process.output
     output = info.value.result.processes[0].output
     if what == "mesh":
         assert "-axis_names=('data',)" in output
         assert "+axis_names=('data', 'model')" in output
-    else:
+    elif what == "params":
         assert "+['extra']: float32[3]" in output
         assert "+['w1']: float32[16,5]" in output
 
