@@ -246,3 +246,17 @@ def mismatch(what: str) -> None:
             shardopt.check_processes_agree(mesh=mesh, model=params)
             return
     shardopt.check_processes_agree(mesh=mesh, params=params)
+
+
+def hang() -> None:
+    """Process 0 waits forever in a collective that process 1 never joins."""
+    if jax.process_index() == 1:
+        import time
+
+        time.sleep(3600)
+    mesh = make_mesh()
+    x = global_array(
+        np.ones(jax.device_count(), np.float32),
+        NamedSharding(mesh, PartitionSpec(DATA)),
+    )
+    jax.jit(jnp.sum)(x).block_until_ready()

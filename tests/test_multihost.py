@@ -193,6 +193,33 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path, reference):
         assert manager.all_steps() == [5, 10]
 
 
+@multiprocess
+def test_a_job_that_hangs_ends_at_its_timeout():
+    start = time.monotonic()
+    with pytest.raises(shardopt.LaunchError) as info:
+        shardopt.launch_local("multihost_tasks:hang", 2, 1, timeout=8)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert elapsed < 8 + 10, elapsed
+    # Each process's watchdog dumped its stacks and exited by itself.
+    assert "Timeout (0:00:08)!" in message
+    assert "in hang" in message
+
+
+@multiprocess
+def test_launching_a_script(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, jax\n"
+        "print('process', jax.process_index(), 'of', jax.process_count(),\n"
+        "      'devices', jax.device_count(), 'args', sys.argv[1:])\n"
+    )
+    result = shardopt.launch_local(str(script), 2, 3, args=("a", 1), timeout=60)
+    assert result.values == [None, None]
+    for i, output in enumerate(result.outputs):
+        assert f"process {i} of 2 devices 6 args ['a', '1']" in output
+
+
 # --- bad input -------------------------------------------------------------
 
 
