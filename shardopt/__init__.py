@@ -17,6 +17,13 @@ from ._combine import MaskedState as MaskedState
 from ._combine import chain as chain
 from ._combine import masked as masked
 from ._hyperparams import AbstractSchedule as AbstractSchedule
+from ._launch import LaunchError as LaunchError
+from ._launch import LaunchResult as LaunchResult
+from ._launch import ProcessResult as ProcessResult
+from ._launch import launch_local as launch_local
+from ._multihost import ProcessMismatchError as ProcessMismatchError
+from ._multihost import check_processes_agree as check_processes_agree
+from ._multihost import initialize_multihost as initialize_multihost
 from ._optimizer import Optimizer as Optimizer
 from ._schedules import constant_schedule as constant_schedule
 from ._schedules import cosine_decay_schedule as cosine_decay_schedule

@@ -1,0 +1,326 @@
+"""Multi-host with real processes on 127.0.0.1: training, checkpoints, failures.
+
+Every job is bounded (``TIMEOUT``, heartbeat ``HEARTBEAT``): a hang fails the
+test instead of the suite. The reference for every number is the same task
+run in this pytest process (one process, 8 devices).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import multihost_tasks as tasks
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import shardopt
+from shardopt import _multihost
+
+TIMEOUT = 90
+HEARTBEAT = 4
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = {"2x4": (2, 4), "4x2": (4, 2)}
+STEPS = 10
+
+multiprocess = pytest.mark.multiprocess
+
+
+def launch(target, layout, **kwargs):
+    num_processes, devices = layout
+    start = time.monotonic()
+    result = shardopt.launch_local(
+        target,
+        num_processes,
+        devices,
+        timeout=TIMEOUT,
+        heartbeat_timeout=HEARTBEAT,
+        **kwargs,
+    )
+    print(f"{target} on {num_processes}x{devices}: {time.monotonic() - start:.1f} s")
+    return result
+
+
+def assert_params_equal(got, want, exact=True):
+    assert got.keys() == want.keys()
+    for name in want:
+        if exact:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        else:
+            # Gloo's all-reduce adds the per-device gradients in another order
+            # than XLA's in-process all-reduce: equal to a few ulps.
+            np.testing.assert_allclose(
+                got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name
+            )
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Ten steps in this process on 8 devices."""
+    return tasks.train(STEPS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each layout trains ten steps and saves at steps 5 and 10 (async Orbax)."""
+    runs = {}
+    for name, layout in LAYOUTS.items():
+        ckpt = str(tmp_path_factory.mktemp(f"ckpt_{name}") / "ckpt")
+        start = time.monotonic()
+        result = launch(
+            "multihost_tasks:train",
+            layout,
+            args=(STEPS,),
+            kwargs={"ckpt_dir": ckpt, "save_every": 5},
+        )
+        runs[name] = (result, ckpt, time.monotonic() - start)
+    return runs
+
+
+# --- training --------------------------------------------------------------
+
+
+@multiprocess
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_matches_one_process(trained, reference, layout):
+    result, _, _ = trained[layout]
+    num_processes, devices = LAYOUTS[layout]
+    first = result.values[0]
+    assert len(result.values) == num_processes
+    for value in result.values:
+        # Every process holds the same replicated parameters, bit for bit.
+        assert_params_equal(value["params"], first["params"])
+        assert value["process_count"] == num_processes
+        assert value["device_count"] == num_processes * devices
+        assert value["count"] == STEPS
+        assert value["mu_spec"] == ("data",)
+    assert_params_equal(first["params"], reference["params"], exact=False)
+    assert first["lr"] == reference["lr"]
+
+
+# --- checkpoints -----------------------------------------------------------
+
+
+@multiprocess
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("num_devices", [8, 4, 1])
+def test_save_from_all_processes_restores_in_one(trained, layout, num_devices):
+    result, ckpt, _ = trained[layout]
+    saved = result.values[0]
+    restored = tasks.restore(ckpt, num_devices)
+    assert restored["step"] == STEPS
+    assert restored["mesh_devices"] == num_devices
+    assert_params_equal(restored["params"], saved["params"])
+    # Scalars saved from several processes: the step count and the schedule's
+    # value at it come back exactly.
+    assert restored["count"] == STEPS
+    assert restored["lr"] == saved["lr"]
+    # The moments land split over the new mesh's "data" axis.
+    assert restored["mu_spec"] == ("data",)
+
+
+@multiprocess
+def test_save_from_two_processes_restores_in_four(trained):
+    result, ckpt, _ = trained["2x4"]
+    saved = result.values[0]
+    restored = launch("multihost_tasks:restore", LAYOUTS["4x2"], args=(ckpt,))
+    for value in restored.values:
+        assert value["process_count"] == 4
+        assert value["step"] == STEPS
+        assert value["count"] == STEPS
+        assert value["lr"] == saved["lr"]
+        assert_params_equal(value["params"], saved["params"])
+
+
+# --- failures --------------------------------------------------------------
+
+
+@multiprocess
+def test_process_dying_mid_training_stops_the_others():
+    start = time.monotonic()
+    with pytest.raises(shardopt.LaunchError) as info:
+        launch(
+            "multihost_tasks:train",
+            (2, 2),
+            args=(STEPS,),
+            kwargs={"die_at_step": 3},
+        )
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert message.startswith("process 1 of 2 failed first: killed by SIGKILL")
+    survivor = info.value.result.processes[0]
+    # The survivor stopped by itself (the coordinator saw the dead peer); the
+    # launcher did not have to kill it.
+    assert not survivor.killed_by_launcher
+    assert survivor.returncode != 0
+    assert "[process 0]" in message
+    assert elapsed < 4 * HEARTBEAT + 30, elapsed
+
+
+@multiprocess
+def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path, reference):
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(shardopt.LaunchError) as info:
+        launch(
+            "multihost_tasks:train",
+            (2, 2),
+            args=(STEPS,),
+            kwargs={"ckpt_dir": ckpt, "save_every": 5, "die_during_save": 10},
+        )
+    assert "process 1 of 2 failed first: killed by SIGKILL" in str(info.value)
+    # Step 5 is intact and restorable; the interrupted step 10 is not listed.
+    with ocp.CheckpointManager(ckpt) as manager:
+        assert manager.all_steps() == [5]
+    at_five = tasks.restore(ckpt, 8)
+    assert at_five["count"] == 5
+    assert_params_equal(at_five["params"], tasks.train(5)["params"], exact=False)
+    # Restarting the same job resumes from step 5 and ends where an
+    # uninterrupted run ends.
+    resumed = launch(
+        "multihost_tasks:train",
+        (2, 2),
+        args=(STEPS,),
+        kwargs={"ckpt_dir": ckpt, "save_every": 5},
+    )
+    for value in resumed.values:
+        assert value["resumed_from"] == 5
+        assert value["count"] == STEPS
+        assert_params_equal(value["params"], reference["params"], exact=False)
+    with ocp.CheckpointManager(ckpt) as manager:
+        assert manager.all_steps() == [5, 10]
+
+
+@multiprocess
+def test_a_job_that_hangs_ends_at_its_timeout():
+    start = time.monotonic()
+    with pytest.raises(shardopt.LaunchError) as info:
+        shardopt.launch_local("multihost_tasks:hang", 2, 1, timeout=8)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert elapsed < 8 + 10, elapsed
+    # Each process's watchdog dumped its stacks and exited by itself.
+    assert "Timeout (0:00:08)!" in message
+    assert "in hang" in message
+
+
+@multiprocess
+def test_launching_a_script(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, jax\n"
+        "print('process', jax.process_index(), 'of', jax.process_count(),\n"
+        "      'devices', jax.device_count(), 'args', sys.argv[1:])\n"
+    )
+    result = shardopt.launch_local(str(script), 2, 3, args=("a", 1), timeout=60)
+    assert result.values == [None, None]
+    for i, output in enumerate(result.outputs):
+        assert f"process {i} of 2 devices 6 args ['a', '1']" in output
+
+
+# --- bad input -------------------------------------------------------------
+
+
+@multiprocess
+@pytest.mark.parametrize("what", ["mesh", "params", "names"])
+def test_processes_that_disagree_fail_on_every_process(what):
+    start = time.monotonic()
+    with pytest.raises(shardopt.LaunchError) as info:
+        launch("multihost_tasks:mismatch", (2, 1), args=(what,))
+    assert time.monotonic() - start < TIMEOUT
+    for process in info.value.result.processes:
+        # Every process raised the error itself, none was killed or aborted.
+        assert process.returncode == 1, process.how()
+        assert "ProcessMismatchError" in process.output
+        differ = "the names of the items checked" if what == "names" else what
+        assert f"disagree on {differ} (this is process" in process.output
+        assert "processes [0]; processes [1]" in process.output
+    output = info.value.result.processes[0].output
+    if what == "mesh":
+        assert "-axis_names=('data',)" in output
+        assert "+axis_names=('data', 'model')" in output
+    elif what == "params":
+        assert "+['extra']: float32[3]" in output
+        assert "+['w1']: float32[16,5]" in output
+
+
+@multiprocess
+def test_unreachable_coordinator_fails_within_timeout():
+    port = shardopt._launch.free_port()  # nobody listens there
+    code = (
+        "import shardopt\n"
+        f"shardopt.initialize_multihost('127.0.0.1:{port}', 2, 1, "
+        "initialization_timeout=3, heartbeat_timeout_seconds=3)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode == 1
+    assert (
+        f"process 1 of 2 could not join the JAX distributed job through the "
+        f"coordinator at 127.0.0.1:{port} within 3 s"
+    ) in done.stderr, done.stderr
+    assert elapsed < 30, elapsed
+
+
+# --- the example -----------------------------------------------------------
+
+
+@multiprocess
+def test_example_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "multihost.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT + 30,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored step 10 in 1 process" in done.stdout, done.stdout
+
+
+# --- the launcher and checks, without processes ----------------------------
+
+
+def test_launcher_rejects_targets_other_processes_cannot_import():
+    with pytest.raises(ValueError, match="importable module"):
+        shardopt.launch_local(lambda: 0, 2)
+    with pytest.raises(ValueError, match="'module:function'"):
+        shardopt.launch_local("no_colon", 2)
+    with pytest.raises(FileNotFoundError):
+        shardopt.launch_local("missing_script.py", 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        shardopt.launch_local("m:f", 0)
+
+
+def test_check_processes_agree_in_one_process_checks_nothing():
+    shardopt.check_processes_agree(mesh=tasks.make_mesh(), params={"a": 1})
+    with pytest.raises(TypeError, match="at least one"):
+        shardopt.check_processes_agree()
+
+
+def test_describe_tree_ignores_values_and_addresses():
+    params = {"w": np.zeros((2, 3), np.float32), "act": np.tanh, "n": 3}
+    text = _multihost.describe_tree(params)
+    assert "['w']: float32[2,3]" in text
+    assert "0x" not in text
+    same = {"w": np.ones((2, 3), np.float32), "act": np.tanh, "n": 4}
+    assert _multihost.describe_tree(same) == text
+
+
+def test_initialize_multihost_is_a_no_op_once_initialized(monkeypatch):
+    monkeypatch.setattr(
+        shardopt._multihost.jax.distributed, "is_initialized", lambda: True
+    )
+    shardopt.initialize_multihost()  # returns without touching jax.distributed
