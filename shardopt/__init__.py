@@ -38,3 +38,7 @@ from ._transforms._moments import trace as trace
 from ._transforms._scale import scale as scale
 from ._transforms._scale import scale_by_learning_rate as scale_by_learning_rate
 from ._transforms._scale import scale_by_schedule as scale_by_schedule
+from .sharding import FactoredState as FactoredState
+from .sharding import ShardingPlan as ShardingPlan
+from .sharding import memory_report as memory_report
+from .sharding import zero as zero
