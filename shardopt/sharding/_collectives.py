@@ -85,6 +85,17 @@ def all_gather(tree: PyTree, axis_name: AxisNames, dims: PyTree) -> PyTree:
     return jax.tree.map(one, tree, dims, is_leaf=lambda x: x is None)
 
 
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Mark ``x`` as differing per shard, so its gradient stays local.
+
+    The gradient of a shard-invariant input is psum'd by autodiff (the
+    transpose of the implicit broadcast); we reduce explicitly instead.
+    """
+    varying = jax.typeof(x).manual_axis_type.varying
+    missing = tuple(a for a in axes if a not in varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _manual(spec: PartitionSpec, data_axes: tuple[str, ...]) -> PartitionSpec:
     """Only the data-axis entries of ``spec`` (shard_map names manual axes only)."""
     out = []
@@ -144,7 +155,7 @@ def value_and_grad(plan, loss_fn: Callable, *, has_aux: bool = False) -> Callabl
         batch_spec = jax.tree.map(lambda _: PartitionSpec(axis), batch)
 
         def local(arrays, batch):
-            full = all_gather(list(arrays), axis, gather)
+            full = [_varying(x, data_axes) for x in all_gather(arrays, axis, gather)]
 
             def loss_of(full):
                 model = eqx.combine(jax.tree.unflatten(treedef, full), rest)
