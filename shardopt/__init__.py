@@ -46,3 +46,7 @@ from ._transforms._scale import scale as scale
 from ._transforms._scale import scale_by_learning_rate as scale_by_learning_rate
 from ._transforms._scale import scale_by_schedule as scale_by_schedule
 from .checkpoint import CheckpointManager as CheckpointManager
+from .sharding import FactoredState as FactoredState
+from .sharding import ShardingPlan as ShardingPlan
+from .sharding import memory_report as memory_report
+from .sharding import zero as zero

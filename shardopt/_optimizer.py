@@ -13,6 +13,7 @@ from jaxtyping import Array, PyTree
 from ._base import AbstractTransform, Params, State, apply_updates, safe_increment
 from ._hyperparams import as_hyperparameter, hyperparameter_fields
 from ._tree import check_grads_match, trainable
+from .sharding._plan import ShardingPlan
 
 
 def _is_abstract(tree: PyTree) -> bool:
@@ -43,14 +44,31 @@ class Optimizer(eqx.Module):
     transform: AbstractTransform
     state: State
     count: Array
+    plan: ShardingPlan | None = eqx.field(static=True, default=None)
 
-    def __init__(self, transform: AbstractTransform, params: Params):
+    def __init__(
+        self,
+        transform: AbstractTransform,
+        params: Params,
+        plan: ShardingPlan | None = None,
+    ):
         if not isinstance(transform, AbstractTransform):
             raise TypeError(
                 f"Optimizer needs a shardopt transform (e.g. shardopt.adamw(1e-3)), "
                 f"got {type(transform).__name__}"
             )
+        if plan is not None and not isinstance(plan, ShardingPlan):
+            raise TypeError(
+                f"plan must be a ShardingPlan (shardopt.zero(...)), got "
+                f"{type(plan).__name__}"
+            )
         self.transform = transform
+        if plan is not None:
+            plan = plan.bind(params)
+            self.plan = plan
+            self.state, self.count = _init_sharded(transform, params, plan)
+            return
+        self.plan = None
         params = trainable(params)
         if _is_abstract(params):
             self.state = jax.eval_shape(transform.init, params)
@@ -67,6 +85,8 @@ class Optimizer(eqx.Module):
         """
         trainable_params = trainable(params)
         check_grads_match(grads, trainable_params)
+        if self.plan is not None:
+            return self._sharded_step(params, grads)
         updates, state = self.transform.update(
             trainable(grads), self.state, trainable_params
         )
@@ -74,6 +94,34 @@ class Optimizer(eqx.Module):
         new_self = eqx.tree_at(
             lambda o: (o.state, o.count), self, (state, safe_increment(self.count))
         )
+        return new_params, new_self
+
+    def _sharded_step(self, params: Params, grads: PyTree) -> tuple[Params, Optimizer]:
+        """One step with every leaf kept in the plan's layout.
+
+        Gradients are laid out as the plan says (stage 2+: partitioned), then
+        sliced to the state layout; the update is computed there, constrained
+        back to the stored parameter layout (an all-gather for stages 1-2) and
+        added to the parameters.
+        """
+        plan = self.plan
+        tp = trainable(params)
+        grads = trainable(grads)
+        plan.check_on_mesh(tp, "parameter")
+        plan.check_on_mesh(grads, "gradient")
+        mirror = plan._to_shardings(plan.mirror_specs(tp))
+        grads = plan.constrain(grads, plan.grad_shardings(tp))
+        grads = plan.constrain(grads, mirror)
+        updates, state = self.transform.update(
+            grads, self.state, plan.constrain(tp, mirror)
+        )
+        state = plan.constrain(state, plan.state_shardings(state, tp))
+        param_shardings = plan.param_shardings(tp)
+        updates = plan.constrain(updates, param_shardings)
+        new_params = apply_updates(params, updates)
+        new_params = _constrain_trainable(plan, new_params, param_shardings)
+        count = plan.constrain(safe_increment(self.count), plan.replicated())
+        new_self = eqx.tree_at(lambda o: (o.state, o.count), self, (state, count))
         return new_params, new_self
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -100,6 +148,44 @@ class Optimizer(eqx.Module):
                     f"{', '.join(sorted(self.hyperparameters())) or 'none'}"
                 )
         return eqx.tree_at(lambda o: o.transform, self, transform)
+
+
+def _init_sharded(
+    transform: AbstractTransform, params: Params, plan: ShardingPlan
+) -> tuple[State, Array]:
+    """The state and count, initialised straight into the plan's layout.
+
+    Concrete parameters: ``transform.init`` runs under ``jax.jit`` with the
+    plan's out-shardings, so no device ever holds the whole state. Abstract
+    parameters: ``ShapeDtypeStruct`` s carrying the plan's shardings.
+    """
+    tp = trainable(params)
+    abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
+    abstract_state = jax.eval_shape(transform.init, abstract_tp)
+    plan.check_overrides(params, abstract_state)
+    plan.check_partitions_something(params)
+    shardings = plan.state_shardings(abstract_state, params)
+    count_sharding = plan.replicated()
+    if _is_abstract(tp):
+        state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_state,
+            shardings,
+        )
+        return state, jax.ShapeDtypeStruct((), jnp.int32, sharding=count_sharding)
+    plan.check_on_mesh(tp, "parameter")
+    dynamic, static = eqx.partition(transform, eqx.is_array)
+    init = jax.jit(lambda d, p: eqx.combine(d, static).init(p), out_shardings=shardings)
+    state = init(dynamic, tp)
+    count = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=count_sharding)()
+    return state, count
+
+
+def _constrain_trainable(plan: ShardingPlan, params: Params, shardings) -> Params:
+    def one(x, s):
+        return x if s is None else plan.constrain(x, s)
+
+    return jax.tree.map(one, params, shardings, is_leaf=lambda x: x is None)
 
 
 def _transforms_in(node: Any) -> list[AbstractTransform]:

@@ -1,0 +1,752 @@
+"""The ZeRO plan: from the parameters' own layouts to every leaf's sharding.
+
+Everything here works on shapes and PartitionSpecs only (arrays, tracers and
+``jax.ShapeDtypeStruct`` leaves alike), so a plan can be inspected, and an
+abstract optimizer built, before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jaxtyping import PyTree
+
+from .._tree import describe, path_str, trainable
+
+_STAGES = (0, 1, 2, 3)
+
+_NO_DATA_AXIS = (
+    "the mesh has no axis named {axis!r} (its axes are {names}); pass the name of "
+    "the data-parallel axis as data_axes=(...), e.g. shardopt.zero(1, mesh, "
+    "data_axes=({first!r},))"
+)
+_OTHER_MESH = (
+    "the {what} at {path} ({desc}) is laid out on a mesh with axes {got} and "
+    "devices {got_devices}, but the plan is for the mesh with axes {want} and "
+    "devices {want_devices}; move it onto the plan's mesh first (e.g. "
+    "plan.shard_params(params)) or build the plan on the mesh it lives on"
+)
+_STRICT = (
+    "strict plan: the {what} at {path} ({desc}) is not partitioned over the data "
+    "axes {axes} (size {size}): {reason}. Pad the leaf, pick another data axis, "
+    "give an override, or use strict=False to keep it in the parameter layout "
+    "(it is then listed in the report)"
+)
+_NOTHING = (
+    "ZeRO stage {stage} on data axes {axes} (size {size}) partitioned none of the "
+    "{n} trainable leaves, so it would do exactly what stage 0 does:\n{why}\n"
+    "Lower min_size, use data axes of another size, or use stage 0 on purpose"
+)
+
+
+class FactoredState:
+    """Mixin for state Modules whose leaves keep only some dims of a parameter.
+
+    Row and column statistics (Adafactor) are smaller than the parameter they
+    describe, so they cannot be recognised by shape alone. A state Module lists
+    in ``factored_dims`` each such field with a function from the parameter's
+    number of dimensions to the dims the leaf keeps, in order; the plan then
+    gives each kept dim the parameter's (ZeRO) sharding of that dim::
+
+        class FactoredStats(FactoredState, eqx.Module):
+            factored_dims: ClassVar = {
+                "row": lambda ndim: tuple(range(ndim - 1)),      # drops the last
+                "col": lambda ndim: (*range(ndim - 2), ndim - 1),  # drops -2
+            }
+            row: PyTree
+            col: PyTree
+
+    Leaves that keep every dim with size 1 where they reduce (``keepdims=True``)
+    need no declaration: the plan recognises them by shape.
+    """
+
+    factored_dims: ClassVar[Mapping[str, Callable[[int], tuple[int, ...]]]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """How one trainable parameter is laid out, before and after ZeRO.
+
+    ``base`` is the parameter's own spec (its tensor-parallel layout),
+    ``partitioned`` the same with the data axes added on ``dim`` (None when the
+    leaf stays in its own layout, for the reason in ``reason``).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    base: PartitionSpec
+    partitioned: PartitionSpec
+    dim: int | None
+    reason: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """A ZeRO layout for parameters, gradients and optimizer state on a mesh.
+
+    Built by :func:`shardopt.zero`. Immutable and hashable, so it can be a static
+    field of a Module and a ``jit`` static argument. All methods take the
+    parameters (arrays, ``ShapeDtypeStruct`` s, or an Equinox model) and read
+    each leaf's own sharding: a ``NamedSharding`` on the plan's mesh, else
+    replicated; ``specs`` (a tree of PartitionSpecs like the parameters) gives
+    the tensor-parallel layout of leaves that carry none.
+
+    Stage rules (``L`` = the leaf's own layout, ``Z`` = ``L`` plus the data axes
+    on the largest dim they divide that ``L`` does not shard):
+
+    ======  ==========  ==========  ===============
+    stage   parameters  gradients   mirrored state
+    ======  ==========  ==========  ===============
+    0       L           L           L
+    1       L           L           Z
+    2       L           Z           Z
+    3       Z           Z           Z
+    ======  ==========  ==========  ===============
+    """
+
+    stage: int
+    mesh: Mesh
+    data_axes: tuple[str, ...]
+    min_size: int = 1024
+    strict: bool = False
+    overrides: tuple[tuple[str, PartitionSpec], ...] = ()
+    bound: tuple[tuple[str, tuple[int, ...], PartitionSpec], ...] | None = None
+
+    def __post_init__(self):
+        if self.stage not in _STAGES:
+            raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if not isinstance(self.mesh, Mesh):
+            raise TypeError(
+                f"the plan needs a jax.sharding.Mesh (jax.make_mesh or "
+                f"jax.sharding.Mesh), got {type(self.mesh).__name__}"
+            )
+        if not self.data_axes:
+            raise ValueError("data_axes is empty; name at least one mesh axis")
+        for axis in self.data_axes:
+            if axis not in self.mesh.axis_names:
+                raise ValueError(
+                    _NO_DATA_AXIS.format(
+                        axis=axis,
+                        names=self.mesh.axis_names,
+                        first=self.mesh.axis_names[0],
+                    )
+                )
+        if len(set(self.data_axes)) != len(self.data_axes):
+            raise ValueError(f"data_axes repeats an axis: {self.data_axes}")
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def data_size(self) -> int:
+        """The number of data-parallel shards: the product of the data axes."""
+        return math.prod(self.mesh.shape[a] for a in self.data_axes)
+
+    @property
+    def explicit(self) -> bool:
+        """True when the mesh has Explicit axes (``jax.make_mesh``'s default)."""
+        return any(t == AxisType.Explicit for t in self.mesh.axis_types)
+
+    def sharding(self, spec: PartitionSpec) -> NamedSharding:
+        """``NamedSharding(plan.mesh, spec)``."""
+        return NamedSharding(self.mesh, spec)
+
+    def replicated(self) -> NamedSharding:
+        """The fully replicated sharding on the plan's mesh (counts, scalars)."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    # ------------------------------------------------------------------ layout
+    def bind(self, params: PyTree, specs: PyTree | None = None) -> ShardingPlan:
+        """This plan with the parameters' own layouts recorded in it.
+
+        Under ``jit`` on a mesh with Auto axes a traced parameter does not
+        carry its sharding, so the plan reads it once, here, from concrete
+        arrays (or ShapeDtypeStructs with shardings, or ``specs``).
+        :class:`shardopt.Optimizer` binds its plan: use ``opt.plan`` inside a
+        jitted step (``opt.plan.value_and_grad(loss)``). A bound plan given
+        other parameters raises, naming the leaf.
+        """
+        unbound = dataclasses.replace(self, bound=None)
+        spec_of = _spec_lookup(specs)
+        flat = jax.tree_util.tree_flatten_with_path(trainable(params))[0]
+        bound = []
+        for path, leaf in flat:
+            name = path_str(path)
+            own = unbound._base_spec(name, leaf, spec_of(name))
+            bound.append((name, tuple(leaf.shape), own))
+        bound = tuple(bound)
+        unbound.layout(params, specs)  # validate now (strict, shapes)
+        return dataclasses.replace(self, bound=bound)
+
+    def layout(self, params: PyTree, specs: PyTree | None = None) -> dict:
+        """``{path: LeafLayout}`` for every trainable leaf of ``params``.
+
+        A leaf's own spec ``L`` is its sharding (or ``specs``, or what the plan
+        was bound to). When ``L`` already uses the data axes (parameters stored
+        for stage 3), that placement is kept as ``Z`` and ``L`` is it without
+        the data axes.
+        """
+        tp = trainable(params)
+        flat, _ = jax.tree_util.tree_flatten_with_path(tp)
+        spec_of = _spec_lookup(specs)
+        overrides = dict(self.overrides)
+        if self.bound is not None and specs is None:
+            self._check_bound(flat)
+        out = {}
+        for path, leaf in flat:
+            name = path_str(path)
+            own = self._base_spec(name, leaf, spec_of(name))
+            base = _strip(own, self.data_axes)
+            if name in overrides:
+                spec = _normalise(overrides[name], len(leaf.shape), name)
+                dim = _data_dim(spec, self.data_axes)
+                out[name] = LeafLayout(
+                    name, tuple(leaf.shape), leaf.dtype, base, spec, dim, None
+                )
+                continue
+            if base != own:
+                dim = _data_dim(own, self.data_axes)
+                out[name] = LeafLayout(
+                    name, tuple(leaf.shape), leaf.dtype, base, own, dim, None
+                )
+                continue
+            spec, dim, reason = self._partition(base, tuple(leaf.shape))
+            if reason is not None and self.strict and self.stage >= 1:
+                raise ValueError(
+                    _STRICT.format(
+                        what="parameter",
+                        path=name,
+                        desc=describe(leaf),
+                        axes=self.data_axes,
+                        size=self.data_size,
+                        reason=reason,
+                    )
+                )
+            out[name] = LeafLayout(
+                name, tuple(leaf.shape), leaf.dtype, base, spec, dim, reason
+            )
+        return out
+
+    def _check_bound(self, flat: list) -> None:
+        bound = {name: shape for name, shape, _ in self.bound}
+        got = {path_str(p): tuple(x.shape) for p, x in flat}
+        problems = [
+            f"  {name}: the plan has {bound[name]}, the parameter is {got[name]}"
+            for name in sorted(set(bound) & set(got))
+            if bound[name] != got[name]
+        ]
+        problems += [f"  {n}: not in the plan" for n in sorted(set(got) - set(bound))]
+        problems += [
+            f"  {n}: in the plan, not among the parameters"
+            for n in sorted(set(bound) - set(got))
+        ]
+        if problems:
+            raise ValueError(
+                "this plan was bound to other parameters (shardopt.Optimizer and "
+                "ShardingPlan.bind record the parameters' layout):\n"
+                + "\n".join(problems)
+                + "\nBuild the optimizer for these parameters, or bind the plan "
+                "again."
+            )
+
+    def _base_spec(self, name: str, leaf: Any, given: Any) -> PartitionSpec:
+        ndim = len(leaf.shape)
+        sharding = getattr(leaf, "sharding", None)
+        if given is None and self.bound is not None:
+            given = {n: spec for n, _, spec in self.bound}[name]
+        elif (
+            given is None
+            and isinstance(leaf, jax.core.Tracer)
+            and _mesh_of(leaf) is None
+            and not self.explicit
+        ):
+            raise ValueError(
+                f"the parameter at {name} ({describe(leaf)}) is traced and carries "
+                "no sharding (Auto mesh axes), so the plan cannot read its layout; "
+                "use a bound plan inside jit: opt.plan (the Optimizer binds it) or "
+                "plan.bind(params) called outside jit"
+            )
+        if given is not None:
+            spec = given.spec if isinstance(given, NamedSharding) else given
+            if isinstance(given, NamedSharding):
+                self._check_mesh(given.mesh, "parameter", name, leaf)
+        elif isinstance(sharding, NamedSharding):
+            self._check_mesh(sharding.mesh, "parameter", name, leaf)
+            spec = sharding.spec
+        else:
+            spec = PartitionSpec()
+        spec = _normalise(spec, ndim, name)
+        for entry in spec:
+            for axis in _axes(entry):
+                if axis not in self.mesh.axis_names:
+                    raise ValueError(
+                        f"the parameter at {name} ({describe(leaf)}) is sharded "
+                        f"over axis {axis!r}, which the plan's mesh "
+                        f"{dict(self.mesh.shape)} does not have"
+                    )
+        return spec
+
+    def _check_mesh(self, mesh: Any, what: str, name: str, leaf: Any) -> None:
+        if not _same_mesh(mesh, self.mesh):
+            raise ValueError(
+                _OTHER_MESH.format(
+                    what=what,
+                    path=name,
+                    desc=describe(leaf),
+                    got=dict(mesh.shape),
+                    got_devices=_device_ids(mesh),
+                    want=dict(self.mesh.shape),
+                    want_devices=_device_ids(self.mesh),
+                )
+            )
+
+    def _partition(
+        self, base: PartitionSpec, shape: tuple[int, ...]
+    ) -> tuple[PartitionSpec, int | None, str | None]:
+        """Add the free data axes to the largest dim they divide (ZeRO rule)."""
+        used = {a for entry in base for a in _axes(entry)}
+        free = tuple(a for a in self.data_axes if a not in used)
+        if not free:
+            return base, _data_dim(base, self.data_axes), "already sharded on data"
+        size = math.prod(self.mesh.shape[a] for a in free)
+        if size == 1:
+            return base, None, "the data axes have size 1"
+        if not shape:
+            return base, None, "scalar"
+        if math.prod(shape) < self.min_size:
+            return base, None, f"smaller than min_size={self.min_size} elements"
+        fits = [
+            d
+            for d, n in enumerate(shape)
+            if base[d] is None and n % size == 0 and n >= size
+        ]
+        if not fits:
+            return base, None, f"no unsharded dim is divisible by {size}"
+        dim = max(fits, key=lambda d: (shape[d], -d))
+        entries = list(base)
+        entries[dim] = free[0] if len(free) == 1 else free
+        return PartitionSpec(*entries), dim, None
+
+    # ------------------------------------------------------------ per role
+    def param_specs(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """PartitionSpecs of the parameters as stored (``Z`` at stage 3, else ``L``)."""
+        return self._role_specs(params, specs, self.stage >= 3)
+
+    def grad_specs(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """PartitionSpecs of the gradients (``Z`` from stage 2, else ``L``)."""
+        return self._role_specs(params, specs, self.stage >= 2)
+
+    def mirror_specs(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """PartitionSpecs of state that mirrors the parameters (``Z`` from stage 1)."""
+        return self._role_specs(params, specs, self.stage >= 1)
+
+    def _role_specs(self, params, specs, partitioned: bool) -> PyTree:
+        layout = self.layout(params, specs)
+        tp = trainable(params)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: _pick(layout[path_str(p)], partitioned), tp
+        )
+
+    def param_shardings(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """NamedShardings of the trainable parameters as stored (None elsewhere)."""
+        return self._to_shardings(self.param_specs(params, specs))
+
+    def grad_shardings(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """NamedShardings the gradients are reduced into."""
+        return self._to_shardings(self.grad_specs(params, specs))
+
+    def _to_shardings(self, specs: PyTree) -> PyTree:
+        return jax.tree.map(
+            self.sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+        )
+
+    def abstract_params(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """The parameters' target layout as ``ShapeDtypeStruct`` s with shardings.
+
+        ``params`` may be arrays, ``ShapeDtypeStruct`` s or a model; the result
+        has the same tree, with every trainable leaf replaced by a
+        ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` in the layout the
+        plan stores parameters in (partitioned at stage 3). Restore a
+        checkpoint onto it, or ``jax.jit(init, out_shardings=...)`` into it.
+        Non-trainable leaves are returned unchanged.
+        """
+        shardings = self.param_shardings(params, specs)
+        return _replace_trainable(
+            params,
+            shardings,
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        )
+
+    def shard_params(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """``params`` moved into the plan's parameter layout (``jax.device_put``)."""
+        shardings = self.param_shardings(params, specs)
+        return _replace_trainable(params, shardings, jax.device_put)
+
+    # ------------------------------------------------------------------ state
+    def state_layout(self, state: PyTree, params: PyTree) -> list[StateLeaf]:
+        """How every array leaf of an optimizer state is placed, with the reason.
+
+        A leaf whose key path ends with a trainable parameter's path is placed
+        from that parameter: a *mirror* (same shape) like the mirrored state,
+        a *factored* leaf (declared with :class:`FactoredState`, or reduced
+        with size-1 dims) on the dims it keeps. Anything else (counts,
+        scalars, leaves of no parameter) is replicated.
+        """
+        layout = self.layout(params)
+        by_path = {}
+        for path, _ in jax.tree_util.tree_flatten_with_path(trainable(params))[0]:
+            by_path[tuple(path)] = layout[path_str(path)]
+        kept = _declared_kept_dims(state)
+        overrides = dict(self.overrides)
+        zero = self.stage >= 1
+        out = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            name = path_str(path)
+            shape = tuple(leaf.shape)
+            param = _longest_suffix(tuple(path), by_path)
+            if name in overrides:
+                spec = _normalise(overrides[name], len(shape), name)
+                out.append(StateLeaf(name, shape, leaf.dtype, spec, "override", None))
+                continue
+            if param is None:
+                out.append(
+                    StateLeaf(name, shape, leaf.dtype, PartitionSpec(), "other", None)
+                )
+                continue
+            if shape == param.shape and tuple(path) not in kept:
+                spec = _pick(param, zero)
+                reason = param.reason if zero else None
+                out.append(StateLeaf(name, shape, leaf.dtype, spec, "mirror", reason))
+                continue
+            dims = _kept_dims(tuple(path), kept, shape, param)
+            if dims is None:
+                out.append(
+                    StateLeaf(name, shape, leaf.dtype, PartitionSpec(), "other", None)
+                )
+                continue
+            spec, reason = self._factored_spec(param, dims, shape, zero)
+            out.append(StateLeaf(name, shape, leaf.dtype, spec, "factored", reason))
+        return out
+
+    def _factored_spec(self, param, dims, shape, zero):
+        source = _pick(param, zero)
+        entries = [None] * len(shape)
+        for i, d in enumerate(dims):
+            if d is not None and shape[i] == param.shape[d]:
+                entries[i] = source[d]
+        spec = PartitionSpec(*entries)
+        if not zero or _data_dim(spec, self.data_axes) is not None:
+            return spec, None
+        # The data axes sat on a dim this leaf drops: place them on a kept one.
+        spec, _, reason = self._partition(spec, shape)
+        return spec, reason
+
+    def state_specs(self, state: PyTree, params: PyTree) -> PyTree:
+        """PartitionSpecs for every array leaf of ``state`` (same tree)."""
+        specs = [leaf.spec for leaf in self.state_layout(state, params)]
+        return jax.tree.unflatten(jax.tree.structure(state), specs)
+
+    def state_shardings(self, state: PyTree, params: PyTree) -> PyTree:
+        """NamedShardings for every array leaf of ``state`` (same tree)."""
+        return self._to_shardings(self.state_specs(state, params))
+
+    def check_overrides(self, params: PyTree, state: PyTree) -> None:
+        """Raise if an override names a leaf that neither tree has."""
+        known = set(_paths(trainable(params))) | set(_paths(state))
+        unknown = [name for name, _ in self.overrides if name not in known]
+        if unknown:
+            raise ValueError(
+                f"the plan overrides {', '.join(unknown)}, which are neither "
+                "trainable parameters nor state leaves here: was the plan built "
+                f"for other parameters? Known paths: {', '.join(sorted(known))}"
+            )
+
+    def check_partitions_something(self, params: PyTree) -> None:
+        """Raise if a stage >= 1 plan would partition no leaf of ``params``."""
+        if self.stage == 0:
+            return
+        layout = self.layout(params)
+        if layout and all(leaf.dim is None for leaf in layout.values()):
+            why = "\n".join(
+                f"  {leaf.path} {describe(leaf)}: {leaf.reason}"
+                for leaf in layout.values()
+            )
+            raise ValueError(
+                _NOTHING.format(
+                    stage=self.stage,
+                    axes=self.data_axes,
+                    size=self.data_size,
+                    n=len(layout),
+                    why=why,
+                )
+            )
+
+    # ------------------------------------------------------------- applying
+    def constrain(self, tree: PyTree, shardings: PyTree) -> PyTree:
+        """Lay ``tree`` out as ``shardings`` (a tree of NamedShardings or None).
+
+        Uses ``jax.lax.with_sharding_constraint`` on meshes with Auto axes and
+        ``jax.sharding.reshard`` on Explicit ones; works inside and outside jit.
+        """
+        apply = jax.sharding.reshard if self.explicit else _wsc
+
+        def one(x, s):
+            if x is None or s is None:
+                return x
+            return apply(x, s)
+
+        return jax.tree.map(
+            one, tree, shardings, is_leaf=lambda x: x is None or eqx.is_array(x)
+        )
+
+    def check_on_mesh(self, tree: PyTree, what: str) -> None:
+        """Raise if a leaf of ``tree`` is laid out on a mesh other than the plan's.
+
+        Concrete arrays are checked by their ``sharding``; traced arrays on
+        Explicit meshes by their type. Single-device and Auto-traced leaves
+        carry no mesh and pass.
+        """
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            mesh = _mesh_of(leaf)
+            if mesh is not None and not _same_mesh(mesh, self.mesh):
+                self._check_mesh(mesh, what, path_str(path), leaf)
+
+    def scatter_dims(self, params: PyTree) -> PyTree:
+        """Per trainable leaf, the dim the data axes partition (None if none)."""
+        layout = self.layout(params)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: layout[path_str(p)].dim, trainable(params)
+        )
+
+    def value_and_grad(self, loss_fn: Callable, *, has_aux: bool = False):
+        """``loss_fn``'s value and gradients, with the plan's collectives made explicit.
+
+        See :func:`shardopt.sharding.value_and_grad`.
+        """
+        from ._collectives import value_and_grad
+
+        return value_and_grad(self, loss_fn, has_aux=has_aux)
+
+    def memory_report(self, params: PyTree, opt_or_transform: Any):
+        """Predicted bytes per device and per leaf; see :func:`memory_report`."""
+        from ._report import memory_report
+
+        return memory_report(self, params, opt_or_transform)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLeaf:
+    """How one optimizer-state leaf is placed: spec, kind, why not partitioned."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    spec: PartitionSpec
+    kind: str  # "mirror", "factored", "other" or "override"
+    reason: str | None
+
+
+def zero(
+    stage: int,
+    mesh: Mesh,
+    data_axes: str | tuple[str, ...] = ("data",),
+    *,
+    min_size: int = 1024,
+    strict: bool = False,
+    overrides: Mapping[str, PartitionSpec] | None = None,
+) -> ShardingPlan:
+    """A ZeRO sharding plan: stage 0 (data parallel) to 3 (FSDP) on ``mesh``.
+
+    Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+    Parameter Models", SC 2020.
+
+    Arguments:
+        stage: 0 state like the parameters; 1 state partitioned over the data
+            axes; 2 gradients too (reduce-scatter); 3 parameters too.
+        mesh: a ``jax.sharding.Mesh`` (Auto axes) or ``jax.make_mesh`` result
+            (Explicit axes).
+        data_axes: the mesh axes the batch is split over; the state is
+            partitioned over all of them together.
+        min_size: leaves with fewer elements stay in the parameter layout.
+        strict: raise instead of reporting when a leaf cannot be partitioned.
+        overrides: ``{path: PartitionSpec}``; a parameter path sets that
+            parameter's partitioned layout (``Z``), a state path (as
+            :meth:`ShardingPlan.state_layout` prints it) that state leaf's.
+
+    Example::
+
+        mesh = jax.make_mesh((4, 2), ("data", "model"))
+        plan = shardopt.zero(1, mesh)
+        opt = shardopt.Optimizer(shardopt.adamw(1e-3), params, plan=plan)
+    """
+    if isinstance(data_axes, str):
+        data_axes = (data_axes,)
+    items = tuple(sorted((overrides or {}).items()))
+    for name, spec in items:
+        if not isinstance(spec, PartitionSpec):
+            raise TypeError(
+                f"override for {name} must be a PartitionSpec, got {spec!r}"
+            )
+    return ShardingPlan(
+        int(stage),
+        mesh,
+        tuple(data_axes),
+        min_size=int(min_size),
+        strict=bool(strict),
+        overrides=items,
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+def _wsc(x, s):
+    return jax.lax.with_sharding_constraint(x, s)
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+def _normalise(spec: Any, ndim: int, name: str) -> PartitionSpec:
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(
+            f"the PartitionSpec {spec} for {name} has {len(entries)} entries but "
+            f"the leaf has {ndim} dims"
+        )
+    entries = entries + (None,) * (ndim - len(entries))
+    out = []
+    for e in entries:
+        axes = _axes(e)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def _strip(spec: PartitionSpec, data_axes: tuple[str, ...]) -> PartitionSpec:
+    """``spec`` without the data axes (the tensor-parallel part of a layout)."""
+    out = []
+    for entry in spec:
+        kept = tuple(a for a in _axes(entry) if a not in data_axes)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*out)
+
+
+def _data_dim(spec: PartitionSpec, data_axes: tuple[str, ...]) -> int | None:
+    for d, entry in enumerate(spec):
+        if set(_axes(entry)) & set(data_axes):
+            return d
+    return None
+
+
+def _pick(leaf: LeafLayout, partitioned: bool) -> PartitionSpec:
+    return leaf.partitioned if partitioned else leaf.base
+
+
+def _same_mesh(a: Any, b: Mesh) -> bool:
+    if tuple(a.axis_names) != tuple(b.axis_names):
+        return False
+    if tuple(a.axis_sizes) != tuple(b.axis_sizes):
+        return False
+    if not isinstance(a, Mesh):  # an AbstractMesh (traced, Explicit)
+        return True
+    return _device_ids(a) == _device_ids(b)
+
+
+def _device_ids(mesh: Any) -> list[int]:
+    if not isinstance(mesh, Mesh):
+        return []
+    return [d.id for d in np.asarray(mesh.devices).flat]
+
+
+def _mesh_of(leaf: Any) -> Any:
+    if isinstance(leaf, jax.core.Tracer):
+        try:
+            sharding = jax.typeof(leaf).sharding
+        except AttributeError:
+            return None
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or not mesh.axis_names:
+            return None
+        return mesh
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return sharding.mesh
+    return None
+
+
+def _spec_lookup(specs: PyTree | None) -> Callable[[str], Any]:
+    if specs is None:
+        return lambda name: None
+    flat = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding))
+    )[0]
+    table = {path_str(p): s for p, s in flat}
+    return table.get
+
+
+def _replace_trainable(params: PyTree, shardings: PyTree, fn) -> PyTree:
+    def one(x, s):
+        return x if s is None else fn(x, s)
+
+    return jax.tree.map(
+        one,
+        params,
+        shardings,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _paths(tree: PyTree) -> list[str]:
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _longest_suffix(path: tuple, by_path: dict) -> LeafLayout | None:
+    for start in range(len(path) + 1):
+        found = by_path.get(path[start:])
+        if found is not None:
+            return found
+    return None
+
+
+def _declared_kept_dims(state: PyTree) -> dict[tuple, Callable]:
+    """Key path of each leaf under a FactoredState field -> its kept-dims rule."""
+    found: dict[tuple, Callable] = {}
+    flat = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, FactoredState)
+    )[0]
+    for path, node in flat:
+        if not isinstance(node, FactoredState):
+            continue
+        for name, rule in type(node).factored_dims.items():
+            sub = jax.tree_util.tree_flatten_with_path(getattr(node, name))[0]
+            for inner, _ in sub:
+                key = (*path, jax.tree_util.GetAttrKey(name), *inner)
+                found[key] = rule
+    return found
+
+
+def _kept_dims(path, kept, shape, param) -> tuple[int | None, ...] | None:
+    """For each dim of a factored leaf, the parameter dim it keeps."""
+    if path in kept:
+        dims = tuple(kept[path](len(param.shape)))
+        if tuple(param.shape[d] for d in dims) != shape:
+            raise ValueError(
+                f"the factored state leaf ending in {param.path} has shape {shape}, "
+                f"but its declared kept dims {dims} of the parameter "
+                f"{param.shape} give {tuple(param.shape[d] for d in dims)}"
+            )
+        return dims
+    if len(shape) == len(param.shape) and all(
+        n == p or n == 1 for n, p in zip(shape, param.shape, strict=True)
+    ):
+        return tuple(d if n == param.shape[d] else None for d, n in enumerate(shape))
+    return None

@@ -1,0 +1,230 @@
+"""Memory per device and per leaf, predicted from shapes and measured from arrays;
+and the collectives in compiled HLO."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+from jaxtyping import PyTree
+
+from .._tree import path_str, trainable
+
+keystr = jax.tree_util.keystr
+
+ROLES = ("params", "grads", "state")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafBytes:
+    """One leaf: its role, path, shape, dtype, spec, and bytes on each device."""
+
+    role: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    spec: PartitionSpec | None
+    per_device: tuple[int, ...]
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Bytes of parameters, gradients and optimizer state on every device.
+
+    ``leaves`` has one row per leaf; ``devices`` the device ids in mesh order,
+    which ``per_device`` columns follow. ``totals()`` sums per role and device.
+    """
+
+    devices: tuple[int, ...]
+    leaves: tuple[LeafBytes, ...]
+    stage: int | None = None
+    data_size: int | None = None
+
+    def totals(self) -> dict[str, tuple[int, ...]]:
+        """``{role: bytes on each device}`` for params, grads and state."""
+        out = {}
+        for role in ROLES:
+            rows = [leaf.per_device for leaf in self.leaves if leaf.role == role]
+            out[role] = tuple(int(sum(c)) for c in zip(*rows, strict=True)) or (
+                (0,) * len(self.devices)
+            )
+        return out
+
+    def per_leaf(self) -> dict[tuple[str, str], tuple[int, ...]]:
+        """``{(role, path): bytes on each device}``."""
+        return {(leaf.role, leaf.path): leaf.per_device for leaf in self.leaves}
+
+    def not_partitioned(self) -> list[LeafBytes]:
+        """Rows left in the parameter layout, with the reason in ``note``."""
+        return [leaf for leaf in self.leaves if leaf.note]
+
+    def table(self) -> str:
+        """A plain-text table: per leaf bytes per device (max), then totals."""
+        lines = []
+        head = f"{'role':<7}{'leaf':<44}{'shape':<16}{'spec':<28}{'bytes/device':>13}"
+        lines.append(head)
+        lines.append("-" * len(head))
+        for leaf in self.leaves:
+            shape = "x".join(map(str, leaf.shape)) or "()"
+            spec = "" if leaf.spec is None else str(tuple(leaf.spec))
+            line = (
+                f"{leaf.role:<7}{leaf.path[:43]:<44}{shape:<16}{spec[:27]:<28}"
+                f"{max(leaf.per_device, default=0):>13,}"
+            )
+            if leaf.note:
+                line += f"   (not partitioned: {leaf.note})"
+            lines.append(line)
+        lines.append("-" * len(head))
+        for role, per in self.totals().items():
+            lo, hi = min(per, default=0), max(per, default=0)
+            span = f"{hi:,}" if lo == hi else f"{lo:,} .. {hi:,}"
+            lines.append(f"{role:<7}total per device: {span} bytes")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shard_bytes(sharding, shape, dtype) -> int:
+    shard = sharding.shard_shape(tuple(shape))
+    return math.prod(shard) * jnp.dtype(dtype).itemsize
+
+
+def memory_report(plan, params: PyTree, opt_or_transform: Any) -> MemoryReport:
+    """Bytes per device and per leaf the plan will use, from shapes alone.
+
+    ``params`` may be ShapeDtypeStructs; ``opt_or_transform`` is an
+    :class:`shardopt.Optimizer` (its state is read) or a transform (its state
+    is built abstractly with ``jax.eval_shape``). Nothing is allocated.
+    Gradients are counted in the plan's gradient layout, one tree of them.
+    """
+    from .._optimizer import Optimizer
+
+    tp = trainable(params)
+    abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
+    if isinstance(opt_or_transform, Optimizer):
+        state = opt_or_transform.state
+    else:
+        state = jax.eval_shape(opt_or_transform.init, abstract_tp)
+    devices = tuple(d.id for d in plan.mesh.devices.flat)
+    n = len(devices)
+    layout = plan.layout(params)
+    rows = []
+    for role, partitioned in (("params", plan.stage >= 3), ("grads", plan.stage >= 2)):
+        for name, leaf in layout.items():
+            spec = leaf.partitioned if partitioned else leaf.base
+            size = _shard_bytes(plan.sharding(spec), leaf.shape, leaf.dtype)
+            note = leaf.reason if partitioned else None
+            rows.append(
+                LeafBytes(role, name, leaf.shape, leaf.dtype, spec, (size,) * n, note)
+            )
+    for leaf in plan.state_layout(state, params):
+        size = _shard_bytes(plan.sharding(leaf.spec), leaf.shape, leaf.dtype)
+        note = leaf.reason if plan.stage >= 1 else None
+        rows.append(
+            LeafBytes(
+                "state", leaf.path, leaf.shape, leaf.dtype, leaf.spec, (size,) * n, note
+            )
+        )
+    rows.append(
+        LeafBytes("state", ".count", (), jnp.int32, PartitionSpec(), (4,) * n, None)
+    )
+    return MemoryReport(devices, tuple(rows), plan.stage, plan.data_size)
+
+
+def measure_memory(
+    devices: Any,
+    *,
+    params: PyTree = None,
+    grads: PyTree = None,
+    opt: Any = None,
+) -> MemoryReport:
+    """Bytes per device and per leaf of live arrays, from their addressable shards.
+
+    ``devices`` is a mesh (or a list of devices) fixing the column order. Pass
+    any of ``params`` (trainable leaves are counted), ``grads`` and ``opt``
+    (its ``state`` and ``count``).
+    """
+    if hasattr(devices, "devices"):
+        devices = list(devices.devices.flat)
+    ids = tuple(d.id for d in devices)
+    column = {d: i for i, d in enumerate(ids)}
+    rows = []
+
+    def add(role, tree, prefix=""):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            per = [0] * len(ids)
+            for shard in leaf.addressable_shards:
+                per[column[shard.device.id]] += shard.data.nbytes
+            spec = getattr(leaf.sharding, "spec", None)
+            name = (
+                prefix + (path_str(path) if path else "") if prefix else path_str(path)
+            )
+            rows.append(
+                LeafBytes(role, name, tuple(leaf.shape), leaf.dtype, spec, tuple(per))
+            )
+
+    if params is not None:
+        add("params", trainable(params))
+    if grads is not None:
+        add("grads", trainable(grads))
+    if opt is not None:
+        add("state", opt.state)
+        add("state", opt.count, prefix=".count")
+    return MemoryReport(ids, tuple(rows))
+
+
+# ------------------------------------------------------------------ collectives
+_COLLECTIVE = re.compile(
+    r"=\s*(\([^=]*?\)|\S+)\s+"
+    r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective op in compiled HLO: its kind and result shapes."""
+
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def elements(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective in ``compiled.as_text()`` (async pairs counted once)."""
+    found = []
+    for shapes, kind in _COLLECTIVE.findall(hlo_text):
+        parsed = tuple(
+            tuple(int(n) for n in dims.split(",") if n)
+            for _, dims in _SHAPE.findall(shapes)
+        )
+        if kind == "all-gather" and shapes.startswith("("):
+            # all-gather-start returns (operand, result): keep the result.
+            parsed = parsed[len(parsed) // 2 :]
+        found.append(Collective(kind, parsed))
+    return found
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """``{kind: count}`` of the collectives in compiled HLO text."""
+    return dict(collections.Counter(c.kind for c in collectives(hlo_text)))
+
+
+def compiled_text(fn, *args, **kwargs) -> str:
+    """The optimised HLO of ``fn(*args)`` (``fn`` a jit or filter_jit function)."""
+    lowered = fn.lower(*args, **kwargs)
+    compiled = lowered.compile()
+    compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps it
+    return compiled.as_text()
