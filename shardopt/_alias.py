@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from jax.typing import DTypeLike
+
 from ._base import Params, identity
 from ._combine import Chain, chain
 from ._hyperparams import ScalarOrSchedule
@@ -25,7 +27,7 @@ def sgd(
     learning_rate: ScalarOrSchedule,
     momentum: ScalarOrSchedule | None = None,
     nesterov: bool = False,
-    accumulator_dtype=None,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Stochastic gradient descent, with optional (Nesterov) momentum.
 
@@ -47,7 +49,7 @@ def adam(
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-8,
     eps_root: ScalarOrSchedule = 0.0,
-    mu_dtype=None,
+    mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = False,
 ) -> Chain:
@@ -64,7 +66,7 @@ def adamw(
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-8,
     eps_root: ScalarOrSchedule = 0.0,
-    mu_dtype=None,
+    mu_dtype: DTypeLike | None = None,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: Mask = None,
     *,
@@ -120,7 +122,7 @@ def lion(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrSchedule = 0.9,
     b2: ScalarOrSchedule = 0.99,
-    mu_dtype=None,
+    mu_dtype: DTypeLike | None = None,
     weight_decay: ScalarOrSchedule = 1e-3,
     mask: Mask = None,
 ) -> Chain:

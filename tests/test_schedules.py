@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import shardopt
 
@@ -83,3 +85,34 @@ def test_changing_a_schedule_value_does_not_recompile():
 def test_bad_schedule_arguments(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    init=st.floats(0.0, 10.0),
+    end=st.floats(0.0, 10.0),
+    steps=st.integers(1, 500),
+    begin=st.integers(0, 50),
+    count=st.integers(0, 1000),
+)
+def test_linear_schedule_matches_optax_anywhere(init, end, steps, begin, count):
+    ours = shardopt.linear_schedule(init, end, steps, begin)(jnp.int32(count))
+    with jax.numpy_dtype_promotion("standard"):
+        expected = optax.linear_schedule(init, end, steps, begin)(jnp.int32(count))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    peak=st.floats(1e-6, 1.0),
+    warmup=st.integers(0, 100),
+    decay=st.integers(1, 400),
+    end_fraction=st.floats(0.0, 1.0),
+    count=st.integers(0, 800),
+)
+def test_warmup_cosine_matches_optax_anywhere(peak, warmup, decay, end_fraction, count):
+    args = (0.0, peak, warmup, warmup + decay, peak * end_fraction)
+    ours = shardopt.warmup_cosine_decay_schedule(*args)(jnp.int32(count))
+    with jax.numpy_dtype_promotion("standard"):
+        expected = optax.warmup_cosine_decay_schedule(*args)(jnp.int32(count))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -288,7 +289,9 @@ class ScaleByLion(AbstractTransform):
 
 
 def trace(
-    decay: ScalarOrSchedule, nesterov: bool = False, accumulator_dtype=None
+    decay: ScalarOrSchedule,
+    nesterov: bool = False,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Trace:
     """Momentum: ``trace = g + decay * trace``, emitted as is or Nesterov-style."""
     return Trace(decay, nesterov, canonical_dtype(accumulator_dtype))
@@ -299,7 +302,7 @@ def scale_by_adam(
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-8,
     eps_root: ScalarOrSchedule = 0.0,
-    mu_dtype=None,
+    mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = False,
 ) -> ScaleByAdam:
@@ -337,7 +340,9 @@ def scale_by_rss(
 
 
 def scale_by_lion(
-    b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.99, mu_dtype=None
+    b1: ScalarOrSchedule = 0.9,
+    b2: ScalarOrSchedule = 0.99,
+    mu_dtype: DTypeLike | None = None,
 ) -> ScaleByLion:
     """Rescale updates to the sign of Lion's momentum interpolation."""
     return ScaleByLion(b1, b2, canonical_dtype(mu_dtype))
