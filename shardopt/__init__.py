@@ -6,6 +6,7 @@ from ._alias import adamw as adamw
 from ._alias import lion as lion
 from ._alias import rmsprop as rmsprop
 from ._alias import sgd as sgd
+from ._base import AbstractCountingTransform as AbstractCountingTransform
 from ._base import AbstractTransform as AbstractTransform
 from ._base import CountState as CountState
 from ._base import EmptyState as EmptyState

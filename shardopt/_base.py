@@ -64,6 +64,27 @@ def safe_increment(count: Array) -> Array:
     return jnp.where(count < top, count + jnp.array(1, count.dtype), top)
 
 
+class AbstractCountingTransform(AbstractTransform):
+    """A transform whose only memory is the step count its schedules are read at.
+
+    Subclasses implement :meth:`apply`; ``init`` and ``update`` keep the count.
+    """
+
+    @abc.abstractmethod
+    def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
+        """The updates for this step, with hyperparameters resolved at ``count``."""
+
+    def init(self, params: Params) -> CountState:
+        del params
+        return CountState(zero_count())
+
+    def update(
+        self, grads: Updates, state: CountState, params: Params | None = None
+    ) -> tuple[Updates, CountState]:
+        updates = self.apply(grads, params, state.count)
+        return updates, CountState(safe_increment(state.count))
+
+
 class Identity(AbstractTransform):
     """Pass the updates through unchanged."""
 

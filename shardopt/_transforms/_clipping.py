@@ -4,41 +4,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
-from .._base import (
-    AbstractTransform,
-    CountState,
-    Params,
-    Updates,
-    safe_increment,
-    zero_count,
-)
+from .._base import AbstractCountingTransform, Params, Updates
 from .._hyperparams import Hyperparameter, ScalarOrSchedule, hyperparameter, resolve
 from .._tree_math import global_norm
 
 
-class Clip(AbstractTransform):
+class Clip(AbstractCountingTransform):
     """Clip every update value to ``[-max_delta, max_delta]``."""
 
     max_delta: Hyperparameter = hyperparameter("max_delta", nonnegative=True)
 
-    def init(self, params: Params) -> CountState:
+    def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         del params
-        return CountState(zero_count())
-
-    def update(
-        self, grads: Updates, state: CountState, params: Params | None = None
-    ) -> tuple[Updates, CountState]:
-        del params
-        bound = resolve(self.max_delta, state.count, name="max_delta")
-        updates = jax.tree.map(
+        bound = resolve(self.max_delta, count, name="max_delta")
+        return jax.tree.map(
             lambda g: jnp.clip(g, (-bound).astype(g.dtype), bound.astype(g.dtype)),
             grads,
         )
-        return updates, CountState(safe_increment(state.count))
 
 
-class ClipByGlobalNorm(AbstractTransform):
+class ClipByGlobalNorm(AbstractCountingTransform):
     """Rescale the updates so that their global L2 norm is at most ``max_norm``.
 
     Pascanu et al., "On the difficulty of training recurrent neural networks",
@@ -47,15 +34,9 @@ class ClipByGlobalNorm(AbstractTransform):
 
     max_norm: Hyperparameter = hyperparameter("max_norm", nonnegative=True)
 
-    def init(self, params: Params) -> CountState:
+    def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         del params
-        return CountState(zero_count())
-
-    def update(
-        self, grads: Updates, state: CountState, params: Params | None = None
-    ) -> tuple[Updates, CountState]:
-        del params
-        max_norm = resolve(self.max_norm, state.count, name="max_norm")
+        max_norm = resolve(self.max_norm, count, name="max_norm")
         norm = global_norm(grads)
         keep = norm < max_norm.astype(norm.dtype)
 
@@ -63,7 +44,7 @@ class ClipByGlobalNorm(AbstractTransform):
             scaled = (g / norm.astype(g.dtype)) * max_norm.astype(g.dtype)
             return jax.lax.select(keep, g, scaled)
 
-        return jax.tree.map(clip, grads), CountState(safe_increment(state.count))
+        return jax.tree.map(clip, grads)
 
 
 def clip(max_delta: ScalarOrSchedule) -> Clip:

@@ -5,15 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+from jaxtyping import Array
 
-from .._base import (
-    AbstractTransform,
-    CountState,
-    Params,
-    Updates,
-    safe_increment,
-    zero_count,
-)
+from .._base import AbstractCountingTransform, AbstractTransform, Params, Updates
 from .._combine import masked
 from .._hyperparams import Hyperparameter, ScalarOrSchedule, hyperparameter, resolve
 from .._tree_math import add
@@ -23,7 +17,7 @@ NO_PARAMS = (
 )
 
 
-class AddDecayedWeights(AbstractTransform):
+class AddDecayedWeights(AbstractCountingTransform):
     """Add ``weight_decay * param`` to each update.
 
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
@@ -31,20 +25,13 @@ class AddDecayedWeights(AbstractTransform):
 
     weight_decay: Hyperparameter = hyperparameter("weight_decay")
 
-    def init(self, params: Params) -> CountState:
-        del params
-        return CountState(zero_count())
-
-    def update(
-        self, grads: Updates, state: CountState, params: Params | None = None
-    ) -> tuple[Updates, CountState]:
+    def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         if params is None:
             raise ValueError(NO_PARAMS)
-        decay = resolve(self.weight_decay, state.count, name="weight_decay")
-        updates = jax.tree.map(
+        decay = resolve(self.weight_decay, count, name="weight_decay")
+        return jax.tree.map(
             lambda g, p: add(g, decay.astype(p.dtype) * p), grads, params
         )
-        return updates, CountState(safe_increment(state.count))
 
 
 def add_decayed_weights(

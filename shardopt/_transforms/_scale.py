@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+from jaxtyping import Array
 
-from .._base import (
-    AbstractTransform,
-    CountState,
-    Identity,
-    Params,
-    Updates,
-    safe_increment,
-    zero_count,
-)
+from .._base import AbstractCountingTransform, Identity, Params, Updates
 from .._hyperparams import (
     Hyperparameter,
     ScalarOrSchedule,
@@ -23,42 +16,28 @@ from .._hyperparams import (
 )
 
 
-class Scale(AbstractTransform):
+class Scale(AbstractCountingTransform):
     """Multiply the updates by ``step_size`` (a float or a schedule of the count)."""
 
     step_size: Hyperparameter = hyperparameter("step_size")
 
-    def init(self, params: Params) -> CountState:
+    def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         del params
-        return CountState(zero_count())
-
-    def update(
-        self, grads: Updates, state: CountState, params: Params | None = None
-    ) -> tuple[Updates, CountState]:
-        del params
-        step_size = resolve(self.step_size, state.count, name="step_size")
-        updates = jax.tree.map(lambda g: step_size.astype(g.dtype) * g, grads)
-        return updates, CountState(safe_increment(state.count))
+        step_size = resolve(self.step_size, count, name="step_size")
+        return jax.tree.map(lambda g: step_size.astype(g.dtype) * g, grads)
 
 
-class ScaleByLearningRate(AbstractTransform):
+class ScaleByLearningRate(AbstractCountingTransform):
     """Multiply the updates by ``-learning_rate`` (``+`` when ``flip_sign=False``)."""
 
     learning_rate: Hyperparameter = hyperparameter("learning_rate", nonnegative=True)
     flip_sign: bool = eqx.field(static=True, default=True)
 
-    def init(self, params: Params) -> CountState:
+    def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         del params
-        return CountState(zero_count())
-
-    def update(
-        self, grads: Updates, state: CountState, params: Params | None = None
-    ) -> tuple[Updates, CountState]:
-        del params
-        rate = resolve(self.learning_rate, state.count, name="learning_rate")
+        rate = resolve(self.learning_rate, count, name="learning_rate")
         rate = -rate if self.flip_sign else rate
-        updates = jax.tree.map(lambda g: rate.astype(g.dtype) * g, grads)
-        return updates, CountState(safe_increment(state.count))
+        return jax.tree.map(lambda g: rate.astype(g.dtype) * g, grads)
 
 
 def scale(step_size: ScalarOrSchedule) -> Scale:
