@@ -321,7 +321,8 @@ def test_example_runs(tmp_path):
         timeout=TIMEOUT + 30,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "restored step 10 in 1 process" in done.stdout, done.stdout
+    assert "restored step 10 in 1 process on 4 devices" in done.stdout, done.stdout
+    assert "P('data', None) over 4 devices" in done.stdout, done.stdout
 
 
 # --- the launcher and checks, without processes ----------------------------
