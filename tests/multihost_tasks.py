@@ -3,6 +3,10 @@
 Each also runs in the pytest process itself (one process, 8 devices) as the
 reference, so the same code is compared with itself across layouts. Nothing
 here calls ``jax.distributed.initialize``: the launcher did that already.
+
+Training goes through a ZeRO plan (``shardopt.zero``), ``Optimizer(...,
+plan=plan)`` and the plan's explicit ``value_and_grad``; checkpoints through
+``shardopt.CheckpointManager`` with like-objects built from the plan only.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import shardopt
@@ -25,6 +30,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 DATA = "data"
 BATCH = 32
 SIZES = (8, 16, 4)
+STAGES = (0, 1, 2, 3)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -33,13 +39,19 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.array(devices), (DATA,))
 
 
+def make_plan(stage: int, num_devices: int | None = None):
+    """ZeRO ``stage`` on the "data" mesh; stage 0 when there is one device."""
+    mesh = make_mesh(num_devices)
+    return shardopt.zero(stage if mesh.size > 1 else 0, mesh, DATA, min_size=0)
+
+
 def initial_params() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     params = {}
     for i, (n_in, n_out) in enumerate(itertools.pairwise(SIZES)):
         scale = 1 / np.sqrt(n_in)
         params[f"w{i}"] = rng.normal(0, scale, (n_in, n_out)).astype(np.float32)
-        params[f"b{i}"] = np.zeros(n_out, np.float32)
+        params[f"b{i}"] = rng.normal(0, 0.1, n_out).astype(np.float32)
     return params
 
 
@@ -60,36 +72,6 @@ def loss(params, x, y):
     return jnp.mean((h - y) ** 2)
 
 
-def state_spec(leaf, data_size: int) -> PartitionSpec:
-    """ZeRO-1 by hand: a leaf's first dimension on "data" when it divides."""
-    if leaf.ndim >= 1 and leaf.shape[0] % data_size == 0:
-        return PartitionSpec(DATA)
-    return PartitionSpec()
-
-
-def shardings(tree, mesh: Mesh, partition: bool):
-    size = mesh.shape[DATA]
-    return jax.tree.map(
-        lambda x: NamedSharding(
-            mesh, state_spec(x, size) if partition else PartitionSpec()
-        ),
-        tree,
-    )
-
-
-def constrain(tree, mesh: Mesh, partition: bool):
-    arrays, rest = eqx.partition(tree, eqx.is_array)
-    arrays = jax.lax.with_sharding_constraint(
-        arrays, shardings(arrays, mesh, partition)
-    )
-    return eqx.combine(arrays, rest)
-
-
-def is_leaf(x) -> bool:
-    """An array or its abstract stand-in: what a checkpoint holds."""
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
-
-
 def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host value: each process fills only its own shards."""
     return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
@@ -99,76 +81,77 @@ def make_transform():
     return shardopt.adamw(shardopt.linear_schedule(3e-2, 1e-2, 10), weight_decay=1e-2)
 
 
-def setup(mesh: Mesh):
-    """Replicated parameters and a ZeRO-1 optimizer, built on ``mesh``."""
-    params = {
-        k: global_array(v, NamedSharding(mesh, PartitionSpec()))
-        for k, v in initial_params().items()
-    }
-
-    @eqx.filter_jit
-    def init(params):
-        return constrain(shardopt.Optimizer(make_transform(), params), mesh, True)
-
-    return params, init(params)
+def setup(plan):
+    """Parameters in the plan's layout and a ZeRO optimizer, built from the plan."""
+    values = initial_params()
+    like = plan.abstract_params(values)
+    params = {k: global_array(values[k], like[k].sharding) for k in values}
+    return params, shardopt.Optimizer(make_transform(), params, plan=plan)
 
 
-def abstract_state(mesh: Mesh):
-    """The checkpoint tree's abstract target on ``mesh``: no manual arguments."""
-    params, opt = eqx.filter_eval_shape(
-        lambda: (
-            initial_params(),
-            shardopt.Optimizer(make_transform(), initial_params()),
-        )
-    )
-    params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        params,
-        shardings(params, mesh, False),
-    )
-    arrays = eqx.filter(opt, is_leaf)
-    arrays = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        arrays,
-        shardings(arrays, mesh, True),
-    )
-    return {"params": params, "opt": arrays}, opt
+def like(plan):
+    """Restore targets from the plan alone: no arrays, no manual arguments."""
+    params = plan.abstract_params(initial_params())
+    return params, shardopt.Optimizer(make_transform(), params, plan=plan)
 
 
-def make_step(mesh: Mesh):
+def make_step(opt):
+    value_and_grad = opt.plan.value_and_grad(loss)
+
     @eqx.filter_jit(donate="all-except-first")
     def step(x, params, opt, y):
-        grads = jax.grad(loss)(params, x, y)
+        value, grads = value_and_grad(params, x, y)
         params, opt = opt.step(params, grads)
-        return constrain(params, mesh, False), constrain(opt, mesh, True)
+        return value, params, opt
 
-    data = NamedSharding(mesh, PartitionSpec(DATA))
+    data = NamedSharding(opt.plan.mesh, PartitionSpec(DATA))
 
     def run(params, opt, i):
         x, y = batch(i)
-        return step(global_array(x, data), params, opt, global_array(y, data))
+        _, params, opt = step(global_array(x, data), params, opt, global_array(y, data))
+        return params, opt
 
     return run
 
 
-def summary(params, opt, mesh: Mesh) -> dict:
-    """What a test compares: parameters, step count, a hyperparameter, layouts."""
+def gather(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array on this process (every process calls)."""
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def spec(x: jax.Array) -> tuple:
+    """``x``'s PartitionSpec as a tuple, without trailing ``None`` entries."""
+    entries = list(x.sharding.spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
+def summary(params, opt) -> dict:
+    """What a test compares: parameters, moments, count, schedule value, layouts."""
+    adam = opt.state[0]
     lr = opt.transform.transforms[-1].learning_rate
     return {
-        "params": {k: np.asarray(v.addressable_data(0)) for k, v in params.items()},
-        "count": int(opt.count.addressable_data(0)),
-        "lr": float(lr(opt.count).addressable_data(0))
-        if callable(lr)
-        else float(lr.addressable_data(0)),
-        "mu_spec": tuple(opt.state[0].mu["w1"].sharding.spec),
+        "params": {k: gather(v) for k, v in params.items()},
+        "mu": {k: gather(v) for k, v in adam.mu.items()},
+        "nu": {k: gather(v) for k, v in adam.nu.items()},
+        "count": int(gather(opt.count)),
+        "lr": float(gather(eqx.filter_jit(lambda f, c: f(c))(lr, opt.count))),
+        "stage": opt.plan.stage,
+        "w0_spec": spec(params["w0"]),
+        "mu_spec": spec(adam.mu["w0"]),
+        "count_replicated": opt.count.sharding.is_fully_replicated,
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
-        "mesh_devices": mesh.size,
+        "mesh_devices": opt.plan.mesh.size,
     }
 
 
 def train(
     steps: int,
+    stage: int = 1,
     ckpt_dir: str | None = None,
     save_every: int = 0,
     die_during_save: int | None = None,
@@ -177,57 +160,73 @@ def train(
 ) -> dict:
     """Train ``steps`` steps, saving every ``save_every``; resume if a save exists.
 
-    ``die_during_save=s``: process 1 kills itself right after starting the save
-    of step ``s`` (an async save: its files are being written).
+    ``die_during_save=s``: process 1 kills itself right after starting the
+    (asynchronous) save of step ``s``, while its files are being written.
     ``die_at_step=s``: process 1 kills itself before step ``s``.
     """
-    mesh = make_mesh(num_devices)
-    params, opt = setup(mesh)
-    shardopt.check_processes_agree(mesh=mesh, params=params, opt=opt)
+    start_time = time.monotonic()
+    plan = make_plan(stage, num_devices)
+    params, opt = setup(plan)
+    shardopt.check_processes_agree(mesh=plan.mesh, params=params, opt=opt)
     start = 0
     manager = None
     if ckpt_dir is not None:
-        manager = ocp.CheckpointManager(
-            ckpt_dir,
-            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True),
-        )
-        latest = manager.latest_step()
-        if latest is not None:
-            target, opt_like = abstract_state(mesh)
-            restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
-            params = restored["params"]
-            opt = eqx.combine(
-                restored["opt"], eqx.filter(opt_like, is_leaf, inverse=True)
-            )
-            start = latest
-    run = make_step(mesh)
+        manager = shardopt.CheckpointManager(ckpt_dir, max_to_keep=None)
+        if manager.latest_step() is not None:
+            params_like, opt_like = like(plan)
+            got = manager.restore(params=params_like, opt=opt_like)
+            params, opt, start = got.params, got.opt, got.step
+    run = make_step(opt)
     for i in range(start, steps):
         if die_at_step == i and jax.process_index() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         params, opt = run(params, opt, i)
         if manager is not None and save_every and (i + 1) % save_every == 0:
-            tree = {"params": params, "opt": eqx.filter(opt, eqx.is_array)}
-            manager.save(i + 1, args=ocp.args.StandardSave(tree))
+            manager.save(i + 1, params=params, opt=opt, data={"next_batch": i + 1})
             if die_during_save == i + 1 and jax.process_index() == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
     if manager is not None:
-        manager.wait_until_finished()
         manager.close()
-    out = summary(params, opt, mesh)
+    out = summary(params, opt)
     out["resumed_from"] = start
+    out["seconds"] = time.monotonic() - start_time
     return out
 
 
-def restore(ckpt_dir: str, num_devices: int | None = None) -> dict:
-    """Restore the latest checkpoint onto a mesh of ``num_devices`` devices."""
-    mesh = make_mesh(num_devices)
-    target, opt_like = abstract_state(mesh)
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    opt = eqx.combine(restored["opt"], eqx.filter(opt_like, is_leaf, inverse=True))
-    out = summary(restored["params"], opt, mesh)
-    out["step"] = step
+def restore(ckpt_dir: str, stage: int, num_devices: int | None = None) -> dict:
+    """Restore the latest step of ``ckpt_dir`` onto a plan of ``stage``."""
+    plan = make_plan(stage, num_devices)
+    params_like, opt_like = like(plan)
+    with shardopt.CheckpointManager(ckpt_dir, create=False) as manager:
+        got = manager.restore(params=params_like, opt=opt_like)
+    out = summary(got.params, got.opt)
+    out["step"] = got.step
+    out["data"] = got.data
+    return out
+
+
+def train_stages(
+    steps: int,
+    ckpt_root: str | None = None,
+    restore_root: str | None = None,
+    stages=STAGES,
+) -> dict:
+    """One job for one layout: every ZeRO stage trained (and saved), in turn.
+
+    With ``ckpt_root``, stage ``s`` saves at steps 5 and ``steps`` into
+    ``ckpt_root/stage{s}``. With ``restore_root``, the latest step of each
+    ``restore_root/stage{s}`` (saved by another job) is then restored here.
+    """
+    out = {"train": {}, "restore": {}}
+    for stage in stages:
+        ckpt = None if ckpt_root is None else os.path.join(ckpt_root, f"stage{stage}")
+        out["train"][stage] = train(steps, stage, ckpt, save_every=5 if ckpt else 0)
+    if restore_root is not None:
+        for stage in stages:
+            start = time.monotonic()
+            got = restore(os.path.join(restore_root, f"stage{stage}"), stage)
+            got["seconds"] = time.monotonic() - start
+            out["restore"][stage] = got
     return out
 
 
@@ -251,8 +250,6 @@ def mismatch(what: str) -> None:
 def hang() -> None:
     """Process 0 waits forever in a collective that process 1 never joins."""
     if jax.process_index() == 1:
-        import time
-
         time.sleep(3600)
     mesh = make_mesh()
     x = global_array(

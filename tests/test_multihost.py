@@ -14,7 +14,6 @@ import time
 
 import multihost_tasks as tasks
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import shardopt
@@ -59,80 +58,117 @@ def assert_params_equal(got, want, exact=True):
 
 @pytest.fixture(scope="module")
 def reference():
-    """Ten steps in this process on 8 devices."""
-    return tasks.train(STEPS)
+    """Ten steps of every ZeRO stage in this process on 8 devices."""
+    return tasks.train_stages(STEPS)["train"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Each layout trains ten steps and saves at steps 5 and 10 (async Orbax)."""
+    """Each layout trains every stage ten steps, saving at 5 and 10 (one job each).
+
+    The 4 x 2 job then restores each stage of the 2 x 4 job's checkpoints: a
+    save from 2 processes read by 4.
+    """
     runs = {}
     for name, layout in LAYOUTS.items():
-        ckpt = str(tmp_path_factory.mktemp(f"ckpt_{name}") / "ckpt")
+        root = str(tmp_path_factory.mktemp(f"ckpt_{name}"))
+        kwargs = {"ckpt_root": root}
+        if name == "4x2":
+            kwargs["restore_root"] = runs["2x4"][1]
         start = time.monotonic()
         result = launch(
-            "multihost_tasks:train",
-            layout,
-            args=(STEPS,),
-            kwargs={"ckpt_dir": ckpt, "save_every": 5},
+            "multihost_tasks:train_stages", layout, args=(STEPS,), kwargs=kwargs
         )
-        runs[name] = (result, ckpt, time.monotonic() - start)
+        runs[name] = (result, root, time.monotonic() - start)
     return runs
+
+
+def saved_by(trained, layout, stage):
+    """What process 0 of ``layout`` held when it saved ``stage`` at step 10."""
+    result, root, _ = trained[layout]
+    return result.values[0]["train"][stage], os.path.join(root, f"stage{stage}")
+
+
+def assert_restored(got, saved, stage, num_devices):
+    """A restore gives exactly what was saved, in the target plan's layout."""
+    assert got["step"] == STEPS
+    assert got["data"] == {"next_batch": STEPS}
+    # Scalars saved from several processes: the step count and the schedule's
+    # value at it come back exactly, replicated on the new mesh.
+    assert got["count"] == STEPS
+    assert got["count_replicated"]
+    assert got["lr"] == saved["lr"]
+    for what in ("params", "mu", "nu"):
+        assert_params_equal(got[what], saved[what])
+    assert got["mesh_devices"] == num_devices
+    assert got["stage"] == (stage if num_devices > 1 else 0)
+    partitioned = num_devices > 1 and stage >= 1
+    assert got["mu_spec"] == ((None, "data") if partitioned else ())
+    assert got["w0_spec"] == ((None, "data") if partitioned and stage == 3 else ())
 
 
 # --- training --------------------------------------------------------------
 
 
 @multiprocess
+@pytest.mark.parametrize("stage", tasks.STAGES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_training_matches_one_process(trained, reference, layout):
+def test_training_matches_one_process(trained, reference, layout, stage):
     result, _, _ = trained[layout]
     num_processes, devices = LAYOUTS[layout]
-    first = result.values[0]
+    want = reference[stage]
     assert len(result.values) == num_processes
+    first = result.values[0]["train"][stage]
     for value in result.values:
-        # Every process holds the same replicated parameters, bit for bit.
-        assert_params_equal(value["params"], first["params"])
+        value = value["train"][stage]
+        # Every process holds the same parameters and moments, bit for bit.
+        for what in ("params", "mu", "nu"):
+            assert_params_equal(value[what], first[what])
         assert value["process_count"] == num_processes
         assert value["device_count"] == num_processes * devices
         assert value["count"] == STEPS
-        assert value["mu_spec"] == ("data",)
-    assert_params_equal(first["params"], reference["params"], exact=False)
-    assert first["lr"] == reference["lr"]
+        assert value["stage"] == stage
+        # The same ZeRO layout as in one process: moments split over "data"
+        # from stage 1, parameters too at stage 3.
+        assert value["mu_spec"] == want["mu_spec"]
+        assert value["w0_spec"] == want["w0_spec"]
+    assert first["mu_spec"] == ((None, "data") if stage else ())
+    assert first["w0_spec"] == ((None, "data") if stage == 3 else ())
+    for what in ("params", "mu", "nu"):
+        assert_params_equal(first[what], want[what], exact=False)
+    assert first["lr"] == want["lr"]
 
 
 # --- checkpoints -----------------------------------------------------------
 
 
 @multiprocess
-@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("num_devices", [8, 4, 1])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_save_from_all_processes_restores_in_one(trained, layout, num_devices):
-    result, ckpt, _ = trained[layout]
-    saved = result.values[0]
-    restored = tasks.restore(ckpt, num_devices)
-    assert restored["step"] == STEPS
-    assert restored["mesh_devices"] == num_devices
-    assert_params_equal(restored["params"], saved["params"])
-    # Scalars saved from several processes: the step count and the schedule's
-    # value at it come back exactly.
-    assert restored["count"] == STEPS
-    assert restored["lr"] == saved["lr"]
-    # The moments land split over the new mesh's "data" axis.
-    assert restored["mu_spec"] == ("data",)
+    for stage in tasks.STAGES:
+        saved, ckpt = saved_by(trained, layout, stage)
+        got = tasks.restore(ckpt, stage, num_devices)
+        assert_restored(got, saved, stage, num_devices)
 
 
 @multiprocess
 def test_save_from_two_processes_restores_in_four(trained):
-    result, ckpt, _ = trained["2x4"]
-    saved = result.values[0]
-    restored = launch("multihost_tasks:restore", LAYOUTS["4x2"], args=(ckpt,))
-    for value in restored.values:
-        assert value["process_count"] == 4
-        assert value["step"] == STEPS
-        assert value["count"] == STEPS
-        assert value["lr"] == saved["lr"]
-        assert_params_equal(value["params"], saved["params"])
+    result, _, _ = trained["4x2"]
+    for stage in tasks.STAGES:
+        saved, _ = saved_by(trained, "2x4", stage)
+        for value in result.values:
+            got = value["restore"][stage]
+            assert got["process_count"] == 4
+            assert_restored(got, saved, stage, 8)
+
+
+@multiprocess
+@pytest.mark.parametrize("target_stage", [0, 1, 2])
+def test_save_at_stage_3_restores_at_another_stage(trained, target_stage):
+    saved, ckpt = saved_by(trained, "4x2", 3)
+    got = tasks.restore(ckpt, target_stage, 8)
+    assert_restored(got, saved, target_stage, 8)
 
 
 # --- failures --------------------------------------------------------------
@@ -146,7 +182,7 @@ def test_process_dying_mid_training_stops_the_others():
             "multihost_tasks:train",
             (2, 2),
             args=(STEPS,),
-            kwargs={"die_at_step": 3},
+            kwargs={"stage": 2, "die_at_step": 3},
         )
     elapsed = time.monotonic() - start
     message = str(info.value)
@@ -163,34 +199,32 @@ def test_process_dying_mid_training_stops_the_others():
 @multiprocess
 def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path, reference):
     ckpt = str(tmp_path / "ckpt")
+    kwargs = {"stage": 3, "ckpt_dir": ckpt, "save_every": 5}
     with pytest.raises(shardopt.LaunchError) as info:
         launch(
             "multihost_tasks:train",
             (2, 2),
             args=(STEPS,),
-            kwargs={"ckpt_dir": ckpt, "save_every": 5, "die_during_save": 10},
+            kwargs={**kwargs, "die_during_save": 10},
         )
     assert "process 1 of 2 failed first: killed by SIGKILL" in str(info.value)
     # Step 5 is intact and restorable; the interrupted step 10 is not listed.
-    with ocp.CheckpointManager(ckpt) as manager:
-        assert manager.all_steps() == [5]
-    at_five = tasks.restore(ckpt, 8)
-    assert at_five["count"] == 5
-    assert_params_equal(at_five["params"], tasks.train(5)["params"], exact=False)
-    # Restarting the same job resumes from step 5 and ends where an
-    # uninterrupted run ends.
-    resumed = launch(
-        "multihost_tasks:train",
-        (2, 2),
-        args=(STEPS,),
-        kwargs={"ckpt_dir": ckpt, "save_every": 5},
-    )
+    assert shardopt.CheckpointManager(ckpt, create=False).all_steps() == [5]
+    at_five = tasks.restore(ckpt, 3, 8)
+    assert at_five["step"] == at_five["count"] == 5
+    assert at_five["data"] == {"next_batch": 5}
+    want = tasks.train(5, stage=3)
+    for what in ("params", "mu", "nu"):
+        assert_params_equal(at_five[what], want[what], exact=False)
+    # Restarting the same job resumes from step 5 (through the manager) and
+    # ends where an uninterrupted run ends.
+    resumed = launch("multihost_tasks:train", (2, 2), args=(STEPS,), kwargs=kwargs)
     for value in resumed.values:
         assert value["resumed_from"] == 5
         assert value["count"] == STEPS
-        assert_params_equal(value["params"], reference["params"], exact=False)
-    with ocp.CheckpointManager(ckpt) as manager:
-        assert manager.all_steps() == [5, 10]
+        for what in ("params", "mu", "nu"):
+            assert_params_equal(value[what], reference[3][what], exact=False)
+    assert shardopt.CheckpointManager(ckpt, create=False).all_steps() == [5, 10]
 
 
 @multiprocess
@@ -287,7 +321,8 @@ def test_example_runs(tmp_path):
         timeout=TIMEOUT + 30,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "restored step 10 in 1 process" in done.stdout, done.stdout
+    assert "restored step 10 in 1 process on 4 devices" in done.stdout, done.stdout
+    assert "P('data', None) over 4 devices" in done.stdout, done.stdout
 
 
 # --- the launcher and checks, without processes ----------------------------
