@@ -66,7 +66,9 @@ class Optimizer(eqx.Module):
         if plan is not None:
             plan = plan.bind(params)
             self.plan = plan
-            self.state, self.count = _init_sharded(transform, params, plan)
+            self.transform, self.state, self.count = _init_sharded(
+                transform, params, plan
+            )
             return
         self.plan = None
         params = trainable(params)
@@ -147,18 +149,24 @@ class Optimizer(eqx.Module):
                     f"no hyperparameter named {name!r}; this optimizer has: "
                     f"{', '.join(sorted(self.hyperparameters())) or 'none'}"
                 )
+        if self.plan is not None:
+            transform = self.plan.replicate(transform)
         return eqx.tree_at(lambda o: o.transform, self, transform)
 
 
 def _init_sharded(
     transform: AbstractTransform, params: Params, plan: ShardingPlan
-) -> tuple[State, Array]:
-    """The state and count, initialised straight into the plan's layout.
+) -> tuple[AbstractTransform, State, Array]:
+    """The transform, state and count, placed straight into the plan's layout.
 
     Concrete parameters: ``transform.init`` runs under ``jax.jit`` with the
     plan's out-shardings, so no device ever holds the whole state. Abstract
-    parameters: ``ShapeDtypeStruct`` s carrying the plan's shardings.
+    parameters: ``ShapeDtypeStruct`` s carrying the plan's shardings. The
+    transform's array leaves (hyperparameters, schedule numbers) are
+    replicated on the mesh, so every leaf of a sharded optimizer is a global
+    array that Orbax can save from any number of processes.
     """
+    transform = plan.replicate(transform)
     tp = trainable(params)
     abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
     abstract_state = jax.eval_shape(transform.init, abstract_tp)
@@ -172,13 +180,14 @@ def _init_sharded(
             abstract_state,
             shardings,
         )
-        return state, jax.ShapeDtypeStruct((), jnp.int32, sharding=count_sharding)
+        count = jax.ShapeDtypeStruct((), jnp.int32, sharding=count_sharding)
+        return transform, state, count
     plan.check_on_mesh(tp, "parameter")
     dynamic, static = eqx.partition(transform, eqx.is_array)
     init = jax.jit(lambda d, p: eqx.combine(d, static).init(p), out_shardings=shardings)
     state = init(dynamic, tp)
     count = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=count_sharding)()
-    return state, count
+    return transform, state, count
 
 
 def _constrain_trainable(plan: ShardingPlan, params: Params, shardings) -> Params:

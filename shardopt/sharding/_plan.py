@@ -505,6 +505,44 @@ class ShardingPlan:
             one, tree, shardings, is_leaf=lambda x: x is None or eqx.is_array(x)
         )
 
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Every array leaf of ``tree`` placed replicated on the plan's mesh.
+
+        For hyperparameters and other small leaves that every device needs. A
+        concrete array (single-device, numpy, or on another layout) is copied
+        from its host value into ``NamedSharding(mesh, P())`` with
+        ``jax.make_array_from_callback``, which works when the mesh spans
+        several processes (each process gives its own, equal, value); a
+        ``ShapeDtypeStruct`` gets that sharding; a traced leaf is constrained
+        to it. Non-array leaves are returned unchanged.
+        """
+        target = self.replicated()
+
+        def one(x):
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target)
+            if not eqx.is_array(x):
+                return x
+            if isinstance(x, jax.core.Tracer):
+                return self.constrain(x, target)
+            sharding = getattr(x, "sharding", None)
+            if (
+                isinstance(sharding, NamedSharding)
+                and _same_mesh(sharding.mesh, self.mesh)
+                and sharding.mesh.axis_types == self.mesh.axis_types
+                and sharding.is_fully_replicated
+            ):
+                return x
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                # already global (another layout): reshard on device.
+                return jax.jit(lambda v: v, out_shardings=target)(x)
+            host = np.asarray(x)
+            return jax.make_array_from_callback(
+                host.shape, target, lambda index: host[index]
+            )
+
+        return jax.tree.map(one, tree)
+
     def check_on_mesh(self, tree: PyTree, what: str) -> None:
         """Raise if a leaf of ``tree`` is laid out on a mesh other than the plan's.
 

@@ -187,6 +187,7 @@ _COLLECTIVE = re.compile(
     r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     r"(?:-start)?\("
 )
+_COMMENT = re.compile(r"/\*.*?\*/")
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
@@ -205,6 +206,9 @@ class Collective:
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective in ``compiled.as_text()`` (async pairs counted once)."""
     found = []
+    # XLA writes /*index=5*/ inside long tuple shapes (combined collectives):
+    # drop comments first so their "=" cannot hide an op.
+    hlo_text = _COMMENT.sub("", hlo_text)
     for shapes, kind in _COLLECTIVE.findall(hlo_text):
         parsed = tuple(
             tuple(int(n) for n in dims.split(",") if n)
