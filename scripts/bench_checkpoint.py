@@ -166,8 +166,13 @@ def run(args, root):
         reshard, _ = timed(
             lambda: manager.restore(params=like_other["params"], opt=like_other["opt"])  # noqa: B023
         )
-        if rep == 0:
-            assert eqx.tree_equal(eqx.filter(got.opt, eqx.is_array), arrays["opt"])
+        if rep == 0:  # on the host: a jitted comparison would all-reduce over 8
+            # devices, which XLA:CPU aborts after 40 s on a starved machine
+            got_leaves = jax.tree.leaves(eqx.filter(got.opt, eqx.is_array))
+            assert all(
+                np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(got_leaves, jax.tree.leaves(arrays["opt"]), strict=True)
+            )
         manager.close()
         shutil.rmtree(path)
         if rep:
