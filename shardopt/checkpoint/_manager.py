@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import json
 import os
 import shutil
 from typing import Any
@@ -290,10 +291,16 @@ class CheckpointManager:
     def metadata(self, step: int | None = None) -> dict:
         """The JSON record of a step: metadata, data, every leaf and its layout."""
         step = self._resolve(step)
+        # the JSON file directly: a second Orbax restore per restore costs ~20 ms
+        path = os.path.join(self.directory, str(step), META, "metadata")
         try:
-            got = self._manager.restore(
-                step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
-            )
+            if os.path.isfile(path):
+                with open(path) as f:
+                    got = {META: json.load(f)}
+            else:
+                got = self._manager.restore(
+                    step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+                )
         except Exception as err:
             raise CheckpointError(
                 f"step {step} in {self.directory} has no readable shardopt record "
