@@ -187,7 +187,7 @@ def test_blocking_save(tmp_path):
 def _array_files(directory):
     found = []
     for root, _, files in os.walk(directory):
-        if os.sep + "d" in root[len(str(directory)) :] and "params" in root:
+        if os.sep + "d" in root[len(str(directory)) :] and "arrays" in root:
             found += [os.path.join(root, f) for f in files]
     return found
 
@@ -209,8 +209,23 @@ def test_corrupted_array_file(tmp_path, damage):
             data[len(data) // 3] ^= 0xFF
         with open(name, "wb") as f:
             f.write(bytes(data))
+    # verify=True compares every array with its checksum: both damages are caught
     with pytest.raises(CheckpointError, match="step 2"):
-        CheckpointManager(tmp_path).restore(params=params)
+        CheckpointManager(tmp_path).restore(params=params, verify=True)
+    if damage == "truncate":  # the default (no checksums) still refuses a short file
+        with pytest.raises(CheckpointError, match="step 2"):
+            CheckpointManager(tmp_path).restore(params=params)
     # step 1 is untouched
     got = CheckpointManager(tmp_path).restore(1, params=params)
     assert np.array_equal(got.params["w"], params["w"])
+
+
+def test_without_checksums(tmp_path):
+    params = {"w": jnp.arange(64.0)}
+    with CheckpointManager(tmp_path, checksums=False) as ckpt:
+        ckpt.save(1, params=params)
+    assert "checksums" not in os.listdir(tmp_path / "1")
+    got = CheckpointManager(tmp_path).restore(params=params)
+    assert np.array_equal(got.params["w"], params["w"])
+    with pytest.raises(CheckpointError, match="saved with checksums=False"):
+        CheckpointManager(tmp_path).restore(params=params, verify=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import json
 import os
 import shutil
 from typing import Any
@@ -26,6 +27,7 @@ from ._errors import (
 )
 from ._handler import ChecksumRestore, ChecksumSave
 from ._tree import (
+    Nested,
     abstract_target,
     describe_sharding,
     find_mesh,
@@ -36,10 +38,11 @@ from ._tree import (
     to_nested,
 )
 
-FORMAT = "shardopt-checkpoint/1"
+FORMAT = "shardopt-checkpoint/2"
 META = "shardopt"
+ARRAYS = "arrays"  # one Orbax item holding the parts below: one write, one read
 ARRAY_ITEMS = ("params", "opt_state", "opt_hyperparameters", "extras")
-ITEMS = (*ARRAY_ITEMS, "checksums", "shardopt")
+ITEMS = (ARRAYS, "checksums", META)
 
 KEEP_HYPERPARAMETERS_HINT = (
     "  The optimizer's transform differs from the saved one (another optimizer, or "
@@ -97,6 +100,11 @@ class CheckpointManager:
         async_save: write in a background thread (default) or block in ``save``.
         create: create ``directory`` if missing; otherwise a missing directory
             raises :class:`CheckpointNotFoundError`.
+        checksums: record every shard's Adler-32 at save (in Orbax's background
+            thread, so ``save`` does not wait for it) for ``restore(verify=True)``
+            and ``shardopt-ckpt verify``. One extra pass over the bytes: about
+            +0.3 s per 340 MiB on a 2-core machine, less with spare cores. Orbax
+            itself catches truncated files but not flipped bytes in the data.
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = True,
         create: bool = True,
+        checksums: bool = True,
     ):
         self.directory = os.path.abspath(os.fspath(directory))
         if not create and not os.path.isdir(self.directory):
@@ -133,6 +142,7 @@ class CheckpointManager:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._pending: int | None = None
+        self._checksums = checksums
 
     # ------------------------------------------------------------------ steps
     def all_steps(self) -> list[int]:
@@ -242,7 +252,7 @@ class CheckpointManager:
                     "bytes": int(leaf.size * np.dtype(leaf.dtype).itemsize),
                     "layout": describe_sharding(leaf.sharding),
                 }
-        parts = collect(leaves)
+        parts = collect(leaves) if self._checksums else []
 
         meta = {
             "format": FORMAT,
@@ -256,11 +266,15 @@ class CheckpointManager:
             "layout": _layout(params, opt),
             "leaves": described,
             "checksum_order": names,
+            "checksums": self._checksums,
         }
-        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         if extras:
-            args["extras"] = ocp.args.StandardSave(extras)
-        args["checksums"] = ChecksumSave(parts)
+            items["extras"] = extras
+        # One PyTree item for all arrays: each Orbax item costs its own
+        # serialisation pass and threads (measured: 4 items block ~0.1 s longer).
+        args: dict[str, Any] = {ARRAYS: ocp.args.PyTreeSave(items)}
+        if self._checksums:
+            args["checksums"] = ChecksumSave(parts)
         args[META] = ocp.args.JsonSave(meta)
         self._pending = step
         try:
@@ -277,10 +291,16 @@ class CheckpointManager:
     def metadata(self, step: int | None = None) -> dict:
         """The JSON record of a step: metadata, data, every leaf and its layout."""
         step = self._resolve(step)
+        # the JSON file directly: a second Orbax restore per restore costs ~20 ms
+        path = os.path.join(self.directory, str(step), META, "metadata")
         try:
-            got = self._manager.restore(
-                step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
-            )
+            if os.path.isfile(path):
+                with open(path) as f:
+                    got = {META: json.load(f)}
+            else:
+                got = self._manager.restore(
+                    step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+                )
         except Exception as err:
             raise CheckpointError(
                 f"step {step} in {self.directory} has no readable shardopt record "
@@ -301,7 +321,7 @@ class CheckpointManager:
         params: PyTree = None,
         opt: Optimizer | None = None,
         keep_hyperparameters: bool = False,
-        verify: bool = True,
+        verify: bool = False,
     ) -> Restored:
         """Restore a step (the latest by default) into the layout of the targets.
 
@@ -317,7 +337,13 @@ class CheckpointManager:
             opt: the target Optimizer (concrete or abstract).
             keep_hyperparameters: keep ``opt``'s transform (a new learning rate
                 or schedule) and restore only its state and count.
-            verify: compare every array read with the checksum recorded at save.
+            verify: also compare every array read with the checksum recorded at
+                save. Off by default: it reads every array back to the host, which
+                costs about as much as the restore itself on large jobs. Without
+                it, the leaves' paths, shapes and dtypes are still checked against
+                the saved record, and Orbax raises on a truncated file; run
+                ``shardopt-ckpt verify`` (or pass ``verify=True``) to also catch
+                flipped bytes.
 
         Raises:
             CheckpointNotFoundError: no such directory or step.
@@ -364,17 +390,20 @@ class CheckpointManager:
             extras_target["rng"] = jax.ShapeDtypeStruct(
                 tuple(d["shape"]), np.dtype(d["dtype"]), sharding=replicated(mesh)
             )
-        args = {
-            name: ocp.args.StandardRestore(target)
-            for name, target in targets.items()
-            if target
-        }
+        if verify and not meta.get("checksums", True):
+            raise CheckpointError(
+                f"step {step} in {self.directory} was saved with checksums=False: "
+                "there is nothing to verify against; restore with verify=False"
+            )
+        wanted = {name: target for name, target in targets.items() if target}
         if extras_target:
-            args["extras"] = ocp.args.StandardRestore(extras_target)
-        if verify:
-            args["checksums"] = ChecksumRestore()
+            wanted["extras"] = extras_target
         try:
-            got = self._manager.restore(step, args=ocp.args.Composite(**args))
+            got = self._read_arrays(step, wanted)
+            if verify:
+                got["checksums"] = self._manager.restore(
+                    step, args=ocp.args.Composite(checksums=ChecksumRestore())
+                )["checksums"]
         except Exception as err:
             raise CheckpointError(
                 f"reading step {step} from {self.directory} failed: "
@@ -383,7 +412,7 @@ class CheckpointManager:
                 f"{self.directory} --step {step}`"
             ) from err
         if verify:
-            arrays = {n: got[n] for n in args if n != "checksums"}
+            arrays = {n: got[n] for n in wanted}
             _verify(step, self.directory, meta, arrays, got["checksums"])
 
         out: dict[str, Any] = {"step": step, "data": meta["data"]}
@@ -413,6 +442,26 @@ class CheckpointManager:
                 rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
             out["rng"] = rng
         return Restored(**out)
+
+    def _read_arrays(self, step: int, targets: dict[str, Nested]) -> dict:
+        """Read the parts of the arrays item that ``targets`` name, in their layout."""
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(
+                sharding=s.sharding, global_shape=s.shape, dtype=s.dtype
+            ),
+            targets,
+        )
+        got = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    ARRAYS: ocp.args.PyTreeRestore(
+                        targets, restore_args=restore_args, partial_restore=True
+                    )
+                }
+            ),
+        )
+        return dict(got[ARRAYS])
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()
