@@ -6,7 +6,7 @@
 the same order on every process. Here shardopt.launch_local starts 2 processes
 on 127.0.0.1 and runs it in each; on a TPU pod or a multi-node GPU job you
 would run ``train`` directly on every host after
-``shardopt.initialize_multihost()`` (see docs/multihost.md). The checkpoint is
+``shardopt.initialize_multihost()`` (see the README, "Multi-host"). The checkpoint is
 then restored in this one process, on 4 devices: another topology.
 """
 
