@@ -62,7 +62,6 @@ class Optimizer(eqx.Module):
                 f"plan must be a ShardingPlan (shardopt.zero(...)), got "
                 f"{type(plan).__name__}"
             )
-        self.transform = transform
         if plan is not None:
             plan = plan.bind(params)
             self.plan = plan
@@ -71,6 +70,7 @@ class Optimizer(eqx.Module):
             )
             return
         self.plan = None
+        self.transform = transform
         params = trainable(params)
         if _is_abstract(params):
             self.state = jax.eval_shape(transform.init, params)
@@ -84,45 +84,34 @@ class Optimizer(eqx.Module):
 
         ``grads`` must match the trainable leaves of ``params`` in tree, shape and
         dtype (``None`` where a leaf is not trained, as ``eqx.filter_grad`` gives).
-        """
-        trainable_params = trainable(params)
-        check_grads_match(grads, trainable_params)
-        if self.plan is not None:
-            return self._sharded_step(params, grads)
-        updates, state = self.transform.update(
-            trainable(grads), self.state, trainable_params
-        )
-        new_params = apply_updates(params, updates)
-        new_self = eqx.tree_at(
-            lambda o: (o.state, o.count), self, (state, safe_increment(self.count))
-        )
-        return new_params, new_self
 
-    def _sharded_step(self, params: Params, grads: PyTree) -> tuple[Params, Optimizer]:
-        """One step with every leaf kept in the plan's layout.
-
-        Gradients are laid out as the plan says (stage 2+: partitioned), then
-        sliced to the state layout; the update is computed there, constrained
-        back to the stored parameter layout (an all-gather for stages 1-2) and
-        added to the parameters.
+        With a plan, every leaf stays in the plan's layout: gradients are laid
+        out as the plan says (stage 2+: partitioned), then sliced to the state
+        layout; the update is computed there and constrained back to the stored
+        parameter layout (an all-gather for stages 1-2) before it is added.
         """
-        plan = self.plan
         tp = trainable(params)
+        check_grads_match(grads, tp)
         grads = trainable(grads)
-        plan.check_on_mesh(tp, "parameter")
-        plan.check_on_mesh(grads, "gradient")
-        mirror = plan._to_shardings(plan.mirror_specs(tp))
-        grads = plan.constrain(grads, plan.grad_shardings(tp))
-        grads = plan.constrain(grads, mirror)
-        updates, state = self.transform.update(
-            grads, self.state, plan.constrain(tp, mirror)
-        )
-        state = plan.constrain(state, plan.state_shardings(state, tp))
-        param_shardings = plan.param_shardings(tp)
-        updates = plan.constrain(updates, param_shardings)
+        plan = self.plan
+        if plan is not None:
+            plan.check_on_mesh(tp, "parameter")
+            plan.check_on_mesh(grads, "gradient")
+            mirror = plan._to_shardings(plan.mirror_specs(tp))
+            grads = plan.constrain(
+                plan.constrain(grads, plan.grad_shardings(tp)), mirror
+            )
+            tp = plan.constrain(tp, mirror)
+        updates, state = self.transform.update(grads, self.state, tp)
+        count = safe_increment(self.count)
+        if plan is not None:
+            state = plan.constrain(state, plan.state_shardings(state, tp))
+            param_shardings = plan.param_shardings(tp)
+            updates = plan.constrain(updates, param_shardings)
+            count = plan.constrain(count, plan.replicated())
         new_params = apply_updates(params, updates)
-        new_params = _constrain_trainable(plan, new_params, param_shardings)
-        count = plan.constrain(safe_increment(self.count), plan.replicated())
+        if plan is not None:
+            new_params = _constrain_trainable(plan, new_params, param_shardings)
         new_self = eqx.tree_at(lambda o: (o.state, o.count), self, (state, count))
         return new_params, new_self
 

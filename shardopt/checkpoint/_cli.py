@@ -71,13 +71,15 @@ def _read(ckpt: CheckpointManager, step: int, meta: dict, items, progress=None):
     return out
 
 
-def _open(directory: str) -> CheckpointManager:
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: no such directory")
-    ckpt = CheckpointManager(directory, create=False)
+def _open_step(args) -> tuple[CheckpointManager, int, dict]:
+    """The manager of ``args.dir``, the step asked for (or the latest), its record."""
+    if not os.path.isdir(args.dir):
+        raise CheckpointError(f"{args.dir}: no such directory")
+    ckpt = CheckpointManager(args.dir, create=False)
     if not ckpt.all_steps():
-        raise CheckpointError(f"{directory}: no fully written checkpoint step")
-    return ckpt
+        raise CheckpointError(f"{args.dir}: no fully written checkpoint step")
+    step = ckpt._resolve(args.step)
+    return ckpt, step, ckpt.metadata(step)
 
 
 def _size(n: int) -> str:
@@ -89,9 +91,7 @@ def _size(n: int) -> str:
 
 
 def inspect(args) -> int:
-    ckpt = _open(args.dir)
-    step = ckpt._resolve(args.step)
-    meta = ckpt.metadata(step)
+    ckpt, step, meta = _open_step(args)
     print(f"checkpoint {ckpt.directory}")
     print(f"steps: {ckpt.all_steps()}  (showing {step}, saved {meta['saved_at']})")
     layout = meta["layout"]
@@ -129,9 +129,7 @@ def inspect(args) -> int:
 
 
 def verify(args) -> int:
-    ckpt = _open(args.dir)
-    step = ckpt._resolve(args.step)
-    meta = ckpt.metadata(step)
+    ckpt, step, meta = _open_step(args)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         arrays = _read(ckpt, step, meta, ARRAY_ITEMS, progress)
     recorded = meta.get("checksums", True)
@@ -176,9 +174,7 @@ def verify(args) -> int:
 
 
 def export(args) -> int:
-    ckpt = _open(args.dir)
-    step = ckpt._resolve(args.step)
-    meta = ckpt.metadata(step)
+    ckpt, step, meta = _open_step(args)
     if not meta["leaves"].get("params"):
         raise CheckpointError(f"step {step} in {args.dir} holds no parameters")
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
