@@ -225,11 +225,11 @@ def compile_and_count(fn, *args):
     return compiled, ", ".join(parts) or "none"
 
 
-def run_case(name, stage, steps, min_size):
+def run_case(name, stage, steps, min_size, bucket_bytes):
     make, batch_size = CASES[name]
     model, loss, data = make(batch_size)
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    plan = shardopt.zero(stage, mesh, min_size=min_size)
+    plan = shardopt.zero(stage, mesh, min_size=min_size, bucket_bytes=bucket_bytes)
     batch = tuple(jax.device_put(a, NamedSharding(mesh, P("data"))) for a in data)
 
     s_step, s_params, s_opt = shardopt_step(plan, model, loss)
@@ -289,18 +289,25 @@ def main():
         default=256,
         help="plan min_size: leaves with fewer elements stay replicated",
     )
+    parser.add_argument(
+        "--bucket-bytes",
+        type=int,
+        default=sh.BUCKET_BYTES,
+        help="plan bucket_bytes: smaller gradients share a reduce-scatter",
+    )
     args = parser.parse_args()
     print(
         f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} "
         f"devices, {os.cpu_count()} CPU cores; AdamW; {args.steps} paired steps; "
-        f"zero(stage, mesh, min_size={args.min_size})",
+        f"zero(stage, mesh, min_size={args.min_size}, "
+        f"bucket_bytes={args.bucket_bytes})",
         flush=True,
     )
     rows = []
     for name in args.models.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
             t0 = time.perf_counter()
-            row = run_case(name, stage, args.steps, args.min_size)
+            row = run_case(name, stage, args.steps, args.min_size, args.bucket_bytes)
             rows.append(row)
             print(
                 f"  {row['model']} stage {stage}: {time.perf_counter() - t0:.0f} s",

@@ -243,8 +243,8 @@ def test_collectives_per_stage(stage, name, kind):
         assert "reduce-scatter" not in kinds
         assert grad_all_reduces  # data-parallel all-reduce of the gradients
     else:
-        # one reduce-scatter per partitioned gradient, no all-reduce of them
-        assert kinds.count("reduce-scatter") == len(partitioned)
+        # one reduce-scatter per bucket, no all-reduce of a partitioned gradient
+        assert kinds.count("reduce-scatter") == BUCKETS[name]
         assert not grad_all_reduces
     gathers = [c for c in found if c.kind == "all-gather"]
     if stage == 3:
@@ -254,8 +254,55 @@ def test_collectives_per_stage(stage, name, kind):
         assert not gathers
     if name == "8":
         want = {0: 1, 1: 1, 2: 0, 3: 0}[stage]  # 8: s and the loss share one
-        assert kinds.count("reduce-scatter") == (0 if stage < 2 else 3)
         assert len([c for c in found if c.kind == "all-reduce"]) >= want
+
+
+# The partitioned gradients (all under the default bucket_bytes) share one
+# reduce-scatter, except those sharded on "model" too, which go alone:
+# 8: w1, b1, w2 in one bucket; 4x2 and 2x2x2: w1 and w2 alone (b1 is replicated).
+BUCKETS = {"8": 1, "4x2": 2, "2x2x2": 2}
+
+
+@pytest.mark.parametrize(
+    ("bucket_bytes", "want"),
+    # b1 is 64 bytes, w1 2048, w2 512, in this order: 1024 puts w1 alone and b1
+    # with w2; 2623 fits b1 and w1, not w2; 2624 fits all three
+    [(0, 3), (1024, 2), (2623, 2), (2624, 1)],
+)
+def test_bucket_bytes_sets_the_number_of_reduce_scatters(bucket_bytes, want):
+    mesh = mesh_of("8", "auto")
+    plan = shardopt.zero(3, mesh, min_size=0, bucket_bytes=bucket_bytes)
+    params = plan.shard_params(make_params())
+    opt = shardopt.Optimizer(TRANSFORM, params, plan=plan)
+    x, y = batch_on(mesh, ("data",), 0)
+    value_and_grad = eqx.filter_jit(opt.plan.value_and_grad(loss))
+    text = sh.compiled_text(value_and_grad, params, x, y)
+    counts = sh.count_collectives(text)
+    assert counts["reduce-scatter"] == want
+    # the parameters are gathered by GSPMD (a constraint), one per leaf
+    assert counts["all-gather"] == 3
+
+
+@pytest.mark.parametrize(("name", "kind"), [("8", "auto"), ("4x2", "explicit")])
+def test_buckets_give_bitwise_the_numbers_of_one_collective_per_leaf(name, kind):
+    """Packing moves bytes, not sums: each element is reduced as before."""
+    mesh = mesh_of(name, kind)
+    _, _, data_axes, specs = MESHES[name]
+    x, y = batch_on(mesh, data_axes, 0)
+    results = []
+    for bucket_bytes in (0, 2**20):
+        plan = shardopt.zero(3, mesh, data_axes, min_size=0, bucket_bytes=bucket_bytes)
+        params = plan.shard_params(make_params(), specs)
+        opt = shardopt.Optimizer(TRANSFORM, params, plan=plan)
+        value_and_grad = eqx.filter_jit(opt.plan.value_and_grad(loss))
+        results.append(value_and_grad(params, x, y))
+    (value_0, grads_0), (value_1, grads_1) = results
+    assert np.asarray(value_0) == np.asarray(value_1)
+    for key in SHAPES:
+        assert grads_0[key].sharding == grads_1[key].sharding, key
+        np.testing.assert_array_equal(
+            np.asarray(grads_0[key]), np.asarray(grads_1[key])
+        )
 
 
 @pytest.mark.parametrize(

@@ -220,14 +220,20 @@ def test_factored_state_follows_kept_dims(shape, names, spec, row, col):
 # ------------------------------------------------- user's own shard_map step
 def test_public_collectives_in_a_users_shard_map_step():
     mesh = mesh_of((8,), ("data",), "auto")
-    keys = jax.random.split(jax.random.key(3), 3)
-    params = {"w": jax.random.normal(keys[0], (32, 16)), "b": jnp.zeros((4,))}
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {
+        "w": jax.random.normal(keys[0], (32, 16)),
+        "v": jax.random.normal(keys[3], (16, 8)),
+        "b": jnp.zeros((4,)),
+    }
     x = jax.random.normal(keys[1], (16, 32))
     y = jax.random.normal(keys[2], (16, 16))
-    dims = {"w": 0, "b": None}  # scatter/gather w on dim 0; b is all-reduced
+    # scatter/gather w on dim 0 and v on dim 1, in one bucket; b is all-reduced
+    dims = {"w": 0, "v": 1, "b": None}
 
     def loss(p, x, y):
-        return jnp.mean((x @ p["w"] - y) ** 2) + jnp.sum(p["b"] ** 2)
+        fit = jnp.mean((x @ p["w"] - y) ** 2) + jnp.mean(jnp.tanh(y @ p["v"]))
+        return fit + jnp.sum(p["b"] ** 2)
 
     def local(p, x, y):
         p = jax.tree.map(lambda a: jax.lax.pcast(a, "data", to="varying"), p)
@@ -244,21 +250,26 @@ def test_public_collectives_in_a_users_shard_map_step():
             in_specs=(P(), P("data"), P("data")),
             # all_gather's result is equal on every device but typed as varying:
             # stacked here, each device's copy checked below
-            out_specs=(P(), {"w": P("data"), "b": P()}, {"w": P("data"), "b": P()}),
+            out_specs=(
+                P(),
+                {"w": P("data"), "v": P(None, "data"), "b": P()},
+                {"w": P("data"), "v": P("data"), "b": P()},
+            ),
         )
     )
     mean, scattered, gathered = step(params, x, y)
     want = jax.grad(loss)(params, x, y)
-    copies = np.asarray(gathered["w"]).reshape(8, 32, 16)
-    for copy in copies:
-        np.testing.assert_allclose(copy, want["w"], rtol=1e-5, atol=1e-6)
+    for k, shape in (("w", (32, 16)), ("v", (16, 8))):
+        for copy in np.asarray(gathered[k]).reshape(8, *shape):
+            np.testing.assert_allclose(copy, want[k], rtol=1e-5, atol=1e-6)
     for got in (mean, scattered):
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
     assert scattered["w"].sharding.shard_shape((32, 16)) == (4, 16)
+    assert scattered["v"].sharding.shard_shape((16, 8)) == (16, 1)
     counts = sh.count_collectives(sh.compiled_text(step, params, x, y))
-    assert counts.get("reduce-scatter") == 1  # w
-    assert counts.get("all-gather") == 1  # w
+    assert counts.get("reduce-scatter") == 1  # w and v, one bucket
+    assert counts.get("all-gather") == 1
     assert counts.get("all-reduce", 0) >= 1  # the mean (XLA may combine them)
 
 

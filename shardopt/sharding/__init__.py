@@ -1,5 +1,6 @@
 """ZeRO sharding of optimizer state: plans, explicit collectives, memory reports."""
 
+from ._collectives import BUCKET_BYTES as BUCKET_BYTES
 from ._collectives import all_gather as all_gather
 from ._collectives import all_reduce_mean as all_reduce_mean
 from ._collectives import reduce_scatter_mean as reduce_scatter_mean

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
 from .._tree import describe, path_str, trainable
+from ._collectives import BUCKET_BYTES
 
 _STAGES = (0, 1, 2, 3)
 
@@ -118,6 +119,7 @@ class ShardingPlan:
     min_size: int = 1024
     strict: bool = False
     overrides: tuple[tuple[str, PartitionSpec], ...] = ()
+    bucket_bytes: int = BUCKET_BYTES
     bound: tuple[tuple[str, tuple[int, ...], PartitionSpec], ...] | None = None
 
     def __post_init__(self):
@@ -141,6 +143,8 @@ class ShardingPlan:
                 )
         if len(set(self.data_axes)) != len(self.data_axes):
             raise ValueError(f"data_axes repeats an axis: {self.data_axes}")
+        if self.bucket_bytes < 0:
+            raise ValueError(f"bucket_bytes must be >= 0, got {self.bucket_bytes}")
 
     # ------------------------------------------------------------------ basics
     @property
@@ -598,6 +602,7 @@ def zero(
     min_size: int = 1024,
     strict: bool = False,
     overrides: Mapping[str, PartitionSpec] | None = None,
+    bucket_bytes: int = BUCKET_BYTES,
 ) -> ShardingPlan:
     """A ZeRO sharding plan: stage 0 (data parallel) to 3 (FSDP) on ``mesh``.
 
@@ -616,6 +621,9 @@ def zero(
         overrides: ``{path: PartitionSpec}``; a parameter path sets that
             parameter's partitioned layout (``Z``), a state path (as
             :meth:`ShardingPlan.state_layout` prints it) that state leaf's.
+        bucket_bytes: in :meth:`ShardingPlan.value_and_grad`, gradients (and
+            at stage 3 parameters) smaller than this share one reduce-scatter
+            (all-gather) per bucket of at most this size; 0 moves each alone.
 
     Example::
 
@@ -638,6 +646,7 @@ def zero(
         min_size=int(min_size),
         strict=bool(strict),
         overrides=items,
+        bucket_bytes=int(bucket_bytes),
     )
 
 
