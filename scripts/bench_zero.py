@@ -19,7 +19,7 @@ ZeRO stage, it measures:
 
 Prints a markdown table.
 
-    PYTHONPATH=. python scripts/bench_zero.py [--steps 20] [--models mlp,transformer]
+    PYTHONPATH=. python scripts/bench_zero.py [--steps 40] [--models mlp,transformer]
 """
 
 import os
@@ -280,7 +280,7 @@ def run_case(name, stage, steps, min_size, bucket_bytes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per side")
     parser.add_argument("--models", default="mlp,transformer")
     parser.add_argument("--stages", default="0,1,2,3")
     parser.add_argument(

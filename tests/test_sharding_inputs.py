@@ -95,6 +95,12 @@ def test_mesh_without_the_data_axis():
     assert shardopt.zero(1, mesh, "batch").data_size == 8
 
 
+def test_negative_bucket_bytes():
+    mesh = mesh_of((8,), ("data",), "auto")
+    with pytest.raises(ValueError, match="bucket_bytes must be >= 0, got -1"):
+        shardopt.zero(2, mesh, bucket_bytes=-1)
+
+
 def test_indivisible_data_axis_is_reported_or_raised_when_strict():
     mesh = mesh_of((8,), ("data",), "auto")
     params = {"odd": jnp.zeros((1001, 3)), "w": jnp.zeros((64, 32))}
