@@ -5,9 +5,9 @@ collectives a ZeRO stage promises are written out here with ``shard_map``:
 ``psum_scatter`` (a real reduce-scatter on every backend) for stages 2 and 3,
 ``all_gather`` of the partitioned parameters for stage 3.
 
-Small leaves share a collective. XLA combines many small all-reduces into one,
-but not reduce-scatters or all-gathers; a model of many small gradients would
-pay one collective's latency per leaf. So leaves under ``bucket_bytes`` are
+Small leaves share a collective. XLA:CPU combines many small all-reduces into
+one, but not reduce-scatters or all-gathers; a model of many small gradients
+would pay one collective's latency per leaf. So leaves under ``bucket_bytes`` are
 packed into flat buckets of at most that size (PyTorch DDP's gradient buckets,
 Li et al., "PyTorch Distributed", VLDB 2020): each leaf's scattered dim is moved
 to the front and split into one row per device, the rows of a bucket are
