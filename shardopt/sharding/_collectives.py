@@ -1,18 +1,17 @@
 """Explicit per-device collectives, and the shard_map gradient path of a plan.
 
 XLA:CPU turns a GSPMD reduce-scatter into an all-reduce plus a slice, so the
-collectives a ZeRO stage promises are written out here with ``shard_map``:
-``psum_scatter`` (a real reduce-scatter on every backend) for stages 2 and 3,
-``all_gather`` of the partitioned parameters for stage 3.
+reduce-scatter ZeRO stages 2 and 3 promise is written out here with
+``shard_map`` and ``psum_scatter``, a real reduce-scatter on every backend.
 
-Small leaves share a collective. XLA:CPU combines many small all-reduces into
-one, but not reduce-scatters or all-gathers; a model of many small gradients
-would pay one collective's latency per leaf. So leaves under ``bucket_bytes`` are
-packed into flat buckets of at most that size (PyTorch DDP's gradient buckets,
-Li et al., "PyTorch Distributed", VLDB 2020): each leaf's scattered dim is moved
-to the front and split into one row per device, the rows of a bucket are
-concatenated, and one reduce-scatter (or all-gather) moves the whole bucket.
-Each device still keeps exactly its block of every leaf, and each element is
+Small gradients share a reduce-scatter. XLA:CPU combines many small
+all-reduces into one, but not reduce-scatters; a model of many small gradients
+would pay one collective's latency per leaf. So leaves under ``bucket_bytes``
+are packed into flat buckets of at most that size (PyTorch DDP's gradient
+buckets, Li et al., "PyTorch Distributed", VLDB 2020): each leaf's scattered
+dim is moved to the front and split into one row per device, the rows of a
+bucket are concatenated, and one reduce-scatter moves the whole bucket. Each
+device still keeps exactly its block of every leaf, and each element is
 reduced over the same devices as before, so the numbers do not change.
 """
 
@@ -71,20 +70,18 @@ def _buckets(
     dims: Sequence[int | None],
     packable: Sequence[bool],
     bucket_bytes: int,
-    scale: int = 1,
 ) -> list[list[int]]:
-    """Indices of the leaves to move together, in leaf order.
+    """Indices of the leaves to reduce together, in leaf order.
 
-    Packable leaves under ``bucket_bytes`` (counting ``scale`` x each array's
-    bytes: the full leaf, when the arrays are per-device blocks) fill buckets
-    of one dtype up to that size; every other leaf with a dim is alone.
+    Packable leaves under ``bucket_bytes`` fill buckets of one dtype up to that
+    size; every other leaf with a dim is alone.
     """
     out: list[list[int]] = []
     open_: dict = {}  # dtype -> (bucket, bytes in it)
     for i, (x, dim) in enumerate(zip(arrays, dims, strict=True)):
         if x is None or dim is None:
             continue
-        size = x.size * x.dtype.itemsize * scale
+        size = x.size * x.dtype.itemsize
         if not packable[i] or size >= bucket_bytes:
             out.append([i])
             continue
@@ -154,32 +151,6 @@ def _reduce_scatter_leaves(
     return out
 
 
-def _all_gather_leaves(
-    arrays: list,
-    axis_name: AxisNames,
-    dims: Sequence[int | None],
-    packable: Sequence[bool],
-    bucket_bytes: int,
-) -> list:
-    """All-gather of a list of per-device blocks on their ``dims``; None: as is."""
-    n = _size(axis_name)
-    out = list(arrays)
-    for bucket in _buckets(arrays, dims, packable, bucket_bytes, scale=n):
-        if len(bucket) == 1:
-            (i,) = bucket
-            out[i] = jax.lax.all_gather(arrays[i], axis_name, axis=dims[i], tiled=True)
-            continue
-        rows = [_rows(arrays[i], dims[i], 1) for i in bucket]
-        flat = jax.lax.all_gather(
-            jnp.concatenate(rows, axis=1), axis_name, axis=0, tiled=True
-        )
-        for i, piece in zip(bucket, _split(flat, rows), strict=True):
-            full = list(arrays[i].shape)
-            full[dims[i]] *= n
-            out[i] = _from_row(piece, tuple(full), dims[i])
-    return out
-
-
 def _packable(arrays: list) -> list[bool]:
     """Leaves with no Explicit sharding can be reshaped into a bucket freely."""
     return [x is not None and _explicit_spec(x) is None for x in arrays]
@@ -208,23 +179,19 @@ def reduce_scatter_mean(
     return jax.tree.unflatten(treedef, out)
 
 
-def all_gather(
-    tree: PyTree,
-    axis_name: AxisNames,
-    dims: PyTree,
-    *,
-    bucket_bytes: int = BUCKET_BYTES,
-) -> PyTree:
+def all_gather(tree: PyTree, axis_name: AxisNames, dims: PyTree) -> PyTree:
     """All-gather every leaf over ``axis_name`` on its dim in ``dims`` (None: as is).
 
-    Bucketed like :func:`reduce_scatter_mean`, by the size of the gathered leaf.
+    One all-gather per leaf: packing small leaves into one buffer, as
+    :func:`reduce_scatter_mean` does, made gathers slower on XLA:CPU.
     """
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
-    dim_list = treedef.flatten_up_to(dims)
-    out = _all_gather_leaves(
-        leaves, axis_name, dim_list, _packable(leaves), bucket_bytes
-    )
-    return jax.tree.unflatten(treedef, out)
+
+    def one(x, dim):
+        if x is None or dim is None:
+            return x
+        return jax.lax.all_gather(x, axis_name, axis=dim, tiled=True)
+
+    return jax.tree.map(one, tree, dims, is_leaf=lambda x: x is None)
 
 
 def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
