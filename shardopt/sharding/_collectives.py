@@ -30,7 +30,7 @@ from .._tree import is_trainable, path_str, trainable
 AxisNames = str | tuple[str, ...]
 
 BUCKET_BYTES = 4 * 2**20
-"""Default bucket size: leaves smaller than this share their collectives."""
+"""Default bucket size: gradients smaller than this share reduce-scatters."""
 
 
 def _size(axis_name: AxisNames) -> int:
@@ -105,12 +105,12 @@ def _from_row(row: jax.Array, shape: tuple[int, ...], dim: int) -> jax.Array:
     return jnp.moveaxis(row.reshape(moved), 0, dim)
 
 
-def _split(flat: jax.Array, parts: Sequence[jax.Array]) -> list[jax.Array]:
-    """``flat`` cut along its last axis into pieces of ``parts``' sizes."""
+def _split(flat: jax.Array, rows: Sequence[jax.Array]) -> list[jax.Array]:
+    """``flat`` cut into pieces as wide as each of ``rows`` (from :func:`_rows`)."""
     out, start = [], 0
-    for part in parts:
-        out.append(flat[..., start : start + part.size // part.shape[0]])
-        start += part.size // part.shape[0]
+    for row in rows:
+        out.append(flat[start : start + row.shape[1]])
+        start += row.shape[1]
     return out
 
 
@@ -263,7 +263,8 @@ def value_and_grad(plan, loss_fn: Callable, *, has_aux: bool = False) -> Callabl
             whole = [plan.sharding(s) for s in base]
             arrays = plan.constrain(arrays, whole)
         grad_spec = [
-            layout[n].partitioned if plan.stage >= 2 else layout[n].base for n in names
+            layout[n].partitioned if plan.stage >= 2 else s
+            for n, s in zip(names, base, strict=True)
         ]
         scatter = [layout[n].dim if plan.stage >= 2 else None for n in names]
         # a leaf sharded over other (tensor-parallel) axes is moved on its own

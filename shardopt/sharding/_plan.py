@@ -621,9 +621,9 @@ def zero(
         overrides: ``{path: PartitionSpec}``; a parameter path sets that
             parameter's partitioned layout (``Z``), a state path (as
             :meth:`ShardingPlan.state_layout` prints it) that state leaf's.
-        bucket_bytes: in :meth:`ShardingPlan.value_and_grad`, gradients (and
-            at stage 3 parameters) smaller than this share one reduce-scatter
-            (all-gather) per bucket of at most this size; 0 moves each alone.
+        bucket_bytes: in :meth:`ShardingPlan.value_and_grad` at stages 2-3,
+            gradients smaller than this share one reduce-scatter per bucket of
+            at most this size; 0 gives each gradient its own.
 
     Example::
 
