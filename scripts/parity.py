@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/parity.py
 
-The table (tests/optimizer_table.py) runs 50 steps of each optimizer on a tree
+The table (tests/conformance.py) runs 50 steps of each optimizer on a tree
 of float32 and bfloat16 leaves; the difference is max |ours - optax| / max |optax|
 per leaf, reported as the largest over float32 and over bfloat16 leaves.
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 
 import jax
 import jax.numpy as jnp
-from optimizer_table import ROWS, make_params, relative_difference, run_oracle, run_ours
+from conformance import ROWS, make_params, relative_difference, run_oracle, run_ours
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 

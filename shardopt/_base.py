@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._tree import is_trainable
@@ -23,9 +25,23 @@ class AbstractTransform(eqx.Module):
     ``init(params)`` builds the state; ``update(grads, state, params)`` returns the
     transformed updates and the new state. Updates are *added* to parameters by
     :func:`apply_updates`, so a descent step carries the minus sign itself.
-    Hyperparameters are array (or schedule) fields: replacing one with
-    ``eqx.tree_at`` never recompiles a jitted step.
+
+    Hyperparameters are array (or schedule) fields, so a transform is a pytree:
+    passed as an argument of ``eqx.filter_jit`` (or inside an
+    :class:`~shardopt.Optimizer`), a new learning rate never recompiles.
+
+    A transform is also hashable by value, which is what optax's idioms need:
+    ``jax.jit(tx.update)`` and ``jax.jit(step, static_argnums=0)(tx, ...)``
+    work, with the hyperparameters compiled in as constants (a transform with
+    other values compiles again; equal values share the compilation).
+
+    Transforms that read optax's extra arguments (``value``, ``grad``,
+    ``value_fn``, ...) set ``takes_extra_args = True`` and accept them as
+    keywords of ``update``; :func:`update_with_extra_args` passes them only to
+    those.
     """
+
+    takes_extra_args: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, params: Params) -> State:
@@ -36,6 +52,40 @@ class AbstractTransform(eqx.Module):
         self, grads: Updates, state: State, params: Params | None = None
     ) -> tuple[Updates, State]:
         """Return ``(updates, new_state)`` for one step."""
+
+    def __hash__(self) -> int:
+        leaves, treedef = jax.tree_util.tree_flatten(self)
+        return hash((treedef, tuple(_hash_key(leaf) for leaf in leaves)))
+
+
+def _hash_key(leaf: Any) -> Any:
+    """A hashable stand-in for a leaf, equal for equal values.
+
+    Concrete arrays hash by shape, dtype and bytes (read once: JAX caches the
+    host copy); tracers and arrays spread over other processes by identity.
+    """
+    if isinstance(leaf, jax.core.Tracer):
+        return ("id", id(leaf))
+    if isinstance(leaf, jax.Array):
+        if not leaf.is_fully_addressable:
+            return ("id", id(leaf))
+        leaf = np.asarray(leaf)
+    if isinstance(leaf, np.ndarray | np.generic):
+        return (leaf.shape, leaf.dtype.str, leaf.tobytes())
+    return leaf
+
+
+def update_with_extra_args(
+    transform: AbstractTransform,
+    grads: Updates,
+    state: State,
+    params: Params | None,
+    extra_args: dict[str, Any],
+) -> tuple[Updates, State]:
+    """``transform.update``, given the extra arguments only if it takes them."""
+    if transform.takes_extra_args:
+        return transform.update(grads, state, params, **extra_args)
+    return transform.update(grads, state, params)
 
 
 class EmptyState(eqx.Module):

@@ -39,13 +39,37 @@ def _is_schedule(value: Any) -> bool:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The values a hyperparameter may take: an interval of the real line."""
+
+    low: float = -np.inf
+    high: float = np.inf
+    low_open: bool = False
+    high_open: bool = False
+    text: str = "a real number"
+
+    def contains(self, x: float) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return bool(above and below)
+
+
+REAL = Domain()
+NONNEGATIVE = Domain(low=0.0, text=">= 0")
+POSITIVE = Domain(low=0.0, low_open=True, text="> 0")
+UNIT_INTERVAL = Domain(low=0.0, high=1.0, high_open=True, text="in [0, 1)")
+CLOSED_UNIT_INTERVAL = Domain(low=0.0, high=1.0, text="in [0, 1]")
+
+
 def as_hyperparameter(
-    value: ScalarOrSchedule, *, name: str, nonnegative: bool = False
+    value: ScalarOrSchedule, *, name: str, domain: Domain = REAL
 ) -> Hyperparameter:
     """A float becomes a float32 scalar array; a schedule stays a schedule.
 
-    Raises if a concrete value is not a finite real scalar (or is negative where
-    ``nonnegative``), naming the argument.
+    Raises if a concrete value is not a finite real scalar in ``domain``,
+    naming the argument and the value. Schedules and traced values are
+    checked by nobody: their values are only known at run time.
     """
     if _is_schedule(value) or isinstance(value, jax.core.Tracer):
         return value
@@ -65,18 +89,16 @@ def as_hyperparameter(
         )
     if not np.isfinite(array):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    if nonnegative and array < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if not domain.contains(float(array)):
+        raise ValueError(f"{name} must be {domain.text}, got {value!r}")
     return jnp.asarray(array, dtype=jnp.float32)
 
 
-def hyperparameter(name: str, *, nonnegative: bool = False) -> Any:
+def hyperparameter(name: str, domain: Domain = REAL) -> Any:
     """A Module field holding a hyperparameter (see :func:`as_hyperparameter`)."""
     return eqx.field(
-        converter=functools.partial(
-            as_hyperparameter, name=name, nonnegative=nonnegative
-        ),
-        metadata={"hyperparameter": {"nonnegative": nonnegative}},
+        converter=functools.partial(as_hyperparameter, name=name, domain=domain),
+        metadata={"hyperparameter": {"domain": domain}},
     )
 
 

@@ -10,8 +10,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from ._base import AbstractTransform, Params, State, apply_updates, safe_increment
+from ._base import (
+    AbstractTransform,
+    Params,
+    State,
+    apply_updates,
+    safe_increment,
+    update_with_extra_args,
+)
 from ._hyperparams import as_hyperparameter, hyperparameter_fields
+from ._interop import as_transform
 from ._tree import check_grads_match, trainable
 from .sharding._plan import ShardingPlan
 
@@ -48,15 +56,11 @@ class Optimizer(eqx.Module):
 
     def __init__(
         self,
-        transform: AbstractTransform,
+        transform: Any,
         params: Params,
         plan: ShardingPlan | None = None,
     ):
-        if not isinstance(transform, AbstractTransform):
-            raise TypeError(
-                f"Optimizer needs a shardopt transform (e.g. shardopt.adamw(1e-3)), "
-                f"got {type(transform).__name__}"
-            )
+        transform = as_transform(transform, "the Optimizer's transform")
         if plan is not None and not isinstance(plan, ShardingPlan):
             raise TypeError(
                 f"plan must be a ShardingPlan (shardopt.zero(...)), got "
@@ -79,11 +83,15 @@ class Optimizer(eqx.Module):
             self.state = transform.init(params)
             self.count = jnp.zeros([], jnp.int32)
 
-    def step(self, params: Params, grads: PyTree) -> tuple[Params, Optimizer]:
+    def step(
+        self, params: Params, grads: PyTree, **extra_args: Any
+    ) -> tuple[Params, Optimizer]:
         """Apply one update: return the new parameters and the new optimizer.
 
         ``grads`` must match the trainable leaves of ``params`` in tree, shape and
         dtype (``None`` where a leaf is not trained, as ``eqx.filter_grad`` gives).
+        ``extra_args`` (optax's ``value=``, ``grad=``, ``value_fn=``) reach the
+        transforms that take them.
 
         With a plan, every leaf stays in the plan's layout: gradients are laid
         out as the plan says (stage 2+: partitioned), then sliced to the state
@@ -102,7 +110,9 @@ class Optimizer(eqx.Module):
                 plan.constrain(grads, plan.grad_shardings(tp)), mirror
             )
             tp = plan.constrain(tp, mirror)
-        updates, state = self.transform.update(grads, self.state, tp)
+        updates, state = update_with_extra_args(
+            self.transform, grads, self.state, tp, extra_args
+        )
         count = safe_increment(self.count)
         if plan is not None:
             state = plan.constrain(state, plan.state_shardings(state, tp))

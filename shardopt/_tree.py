@@ -70,3 +70,66 @@ def check_grads_match(grads: PyTree, params: PyTree) -> None:
                 f"{describe(param)}; grads must match their parameter in shape "
                 "and dtype (nothing is broadcast or cast)."
             )
+
+
+def _buffers(x: jax.Array) -> list[tuple[int, int]]:
+    return [
+        (shard.device.id, shard.data.unsafe_buffer_pointer())
+        for shard in x.addressable_shards
+    ]
+
+
+def distinct_buffers(tree: PyTree) -> PyTree:
+    """``tree`` with every concrete array leaf in device buffers of its own.
+
+    A leaf whose buffer an earlier leaf already uses (the same array placed
+    twice, or ``device_put`` of one value into several leaves) is copied.
+    Donating a tree whose leaves share a buffer fails ("donate the same buffer
+    twice"), so every restore path returns its trees through this.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def own(x):
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return x
+        if x.is_deleted():
+            return x
+        buffers = _buffers(x)
+        if seen.intersection(buffers):
+            x = jax.device_put(x, x.sharding, may_alias=False)
+            buffers = _buffers(x)
+        seen.update(buffers)
+        return x
+
+    return jax.tree.map(own, tree)
+
+
+class StaticTree:
+    """A tree of Python bools (a mask) held as structure: hashable, never traced.
+
+    Kept in a static Module field, so ``jax.jit`` sees no leaves to trace and
+    hashing the Module (``static_argnums``) works.
+    """
+
+    __slots__ = ("leaves", "treedef")
+
+    def __init__(self, tree: PyTree):
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.leaves = tuple(bool(leaf) for leaf in leaves)
+
+    @property
+    def tree(self) -> PyTree:
+        return jax.tree.unflatten(self.treedef, self.leaves)
+
+    def __hash__(self) -> int:
+        return hash((self.treedef, self.leaves))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StaticTree)
+            and self.treedef == other.treedef
+            and self.leaves == other.leaves
+        )
+
+    def __repr__(self) -> str:
+        return f"StaticTree({self.tree!r})"

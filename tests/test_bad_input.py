@@ -59,13 +59,40 @@ def test_same_leaves_in_other_containers(opt):
 
 
 def test_not_a_transform():
-    with pytest.raises(TypeError, match="needs a shardopt transform"):
+    with pytest.raises(
+        TypeError, match=r"the Optimizer's transform must be .* got function"
+    ):
         shardopt.Optimizer(lambda g: g, PARAMS)
-    with pytest.raises(TypeError, match="chain argument 1"):
+    with pytest.raises(TypeError, match=r"chain argument 1 must be .* got str"):
         shardopt.chain(shardopt.sgd(1.0), "adam")
+    with pytest.raises(TypeError, match=r"masked's inner transform must be .* got int"):
+        shardopt.masked(3, {"w": True})
 
 
 def test_decay_needs_params():
     decay = shardopt.add_decayed_weights(1e-2)
     with pytest.raises(ValueError, match="needs the parameters"):
         decay.update(PARAMS, decay.init(PARAMS))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: shardopt.adam(1e-3, b1=1.5), r"b1 must be in \[0, 1\), got 1.5"),
+        (lambda: shardopt.adam(1e-3, b2=1.0), r"b2 must be in \[0, 1\), got 1.0"),
+        (lambda: shardopt.adam(1e-3, eps=-1e-8), r"eps must be >= 0, got -1e-08"),
+        (lambda: shardopt.sgd(-0.1), r"learning_rate must be >= 0, got -0.1"),
+        (lambda: shardopt.sgd(0.1, momentum=1.2), r"decay must be in \[0, 1\)"),
+        (lambda: shardopt.lion(1e-3, b2=-0.5), r"b2 must be in \[0, 1\)"),
+        (lambda: shardopt.rmsprop(1e-3, decay=1.0), r"decay must be in \[0, 1\)"),
+    ],
+)
+def test_hyperparameters_out_of_range(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_replaced_hyperparameter_is_validated_like_the_constructor():
+    opt = shardopt.Optimizer(shardopt.adam(1e-3), PARAMS)
+    with pytest.raises(ValueError, match=r"b1 must be in \[0, 1\), got 2.0"):
+        opt.with_hyperparameters(b1=2.0)

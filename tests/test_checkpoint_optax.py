@@ -12,9 +12,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from _ckpt_helpers import abstract, arrays_equal, mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from optimizer_table import (
+from conformance import (
     BF16_RTOL,
     ROWS_BY_NAME,
     _oracle_step,
@@ -22,6 +20,8 @@ from optimizer_table import (
     ours_step,
     relative_difference,
 )
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import shardopt
 from shardopt.checkpoint import (

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shardopt
-from shardopt import _multihost
+from shardopt.distributed import _multihost
 
 TIMEOUT = 90
 HEARTBEAT = 4
@@ -282,7 +282,7 @@ def test_processes_that_disagree_fail_on_every_process(what):
 
 @multiprocess
 def test_unreachable_coordinator_fails_within_timeout():
-    port = shardopt._launch.free_port()  # nobody listens there
+    port = shardopt.distributed._launch.free_port()  # nobody listens there
     code = (
         "import shardopt\n"
         f"shardopt.initialize_multihost('127.0.0.1:{port}', 2, 1, "
@@ -356,6 +356,6 @@ def test_describe_tree_ignores_values_and_addresses():
 
 def test_initialize_multihost_is_a_no_op_once_initialized(monkeypatch):
     monkeypatch.setattr(
-        shardopt._multihost.jax.distributed, "is_initialized", lambda: True
+        shardopt.distributed._multihost.jax.distributed, "is_initialized", lambda: True
     )
     shardopt.initialize_multihost()  # returns without touching jax.distributed

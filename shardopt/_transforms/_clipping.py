@@ -7,14 +7,20 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._base import AbstractCountingTransform, Params, Updates
-from .._hyperparams import Hyperparameter, ScalarOrSchedule, hyperparameter, resolve
+from .._hyperparams import (
+    NONNEGATIVE,
+    Hyperparameter,
+    ScalarOrSchedule,
+    hyperparameter,
+    resolve,
+)
 from .._tree_math import global_norm
 
 
 class Clip(AbstractCountingTransform):
     """Clip every update value to ``[-max_delta, max_delta]``."""
 
-    max_delta: Hyperparameter = hyperparameter("max_delta", nonnegative=True)
+    max_delta: Hyperparameter = hyperparameter("max_delta", NONNEGATIVE)
 
     def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         del params
@@ -32,7 +38,7 @@ class ClipByGlobalNorm(AbstractCountingTransform):
     ICML 2013.
     """
 
-    max_norm: Hyperparameter = hyperparameter("max_norm", nonnegative=True)
+    max_norm: Hyperparameter = hyperparameter("max_norm", NONNEGATIVE)
 
     def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
         del params

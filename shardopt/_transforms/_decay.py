@@ -8,9 +8,9 @@ import jax
 from jaxtyping import Array
 
 from .._base import AbstractCountingTransform, AbstractTransform, Params, Updates
-from .._combine import masked
 from .._hyperparams import Hyperparameter, ScalarOrSchedule, hyperparameter, resolve
 from .._tree_math import add
+from ._combinators import masked
 
 NO_PARAMS = (
     "add_decayed_weights needs the parameters: call update(grads, state, params)."

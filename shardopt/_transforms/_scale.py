@@ -8,6 +8,7 @@ from jaxtyping import Array
 
 from .._base import AbstractCountingTransform, Identity, Params, Updates
 from .._hyperparams import (
+    NONNEGATIVE,
     Hyperparameter,
     ScalarOrSchedule,
     Schedule,
@@ -30,7 +31,7 @@ class Scale(AbstractCountingTransform):
 class ScaleByLearningRate(AbstractCountingTransform):
     """Multiply the updates by ``-learning_rate`` (``+`` when ``flip_sign=False``)."""
 
-    learning_rate: Hyperparameter = hyperparameter("learning_rate", nonnegative=True)
+    learning_rate: Hyperparameter = hyperparameter("learning_rate", NONNEGATIVE)
     flip_sign: bool = eqx.field(static=True, default=True)
 
     def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:

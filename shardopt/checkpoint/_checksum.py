@@ -19,8 +19,12 @@ Record = dict  # {"leaf": int, "index": [[start, stop], ...], "adler32": int | N
 
 
 def adler32(x: np.ndarray) -> int:
-    """Adler-32 of an array's bytes in row-major order."""
-    return zlib.adler32(memoryview(np.ascontiguousarray(x)).cast("B"))
+    """Adler-32 of an array's bytes in row-major order.
+
+    Viewed as raw bytes first: the buffer protocol has no format for
+    ml_dtypes' bfloat16 and float8 types.
+    """
+    return zlib.adler32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
 
 
 def _slices(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:

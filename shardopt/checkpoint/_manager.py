@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
 from .._optimizer import Optimizer
+from .._tree import distinct_buffers
 from ._checksum import check, collect
 from ._errors import (
     CheckpointError,
@@ -57,7 +58,9 @@ class Restored:
 
     ``params`` and ``opt`` have the structure and the shardings of the targets
     that were passed; ``rng`` is the PRNG key, ``data`` the data-loader position
-    and ``metadata`` the JSON dict given to ``save``.
+    and ``metadata`` the JSON dict given to ``save``. No two array leaves of
+    ``params``, ``opt`` and ``rng`` share a device buffer, so the whole result
+    can be donated to the next step.
     """
 
     step: int
@@ -66,6 +69,12 @@ class Restored:
     rng: jax.Array | None = None
     data: Any = None
     metadata: dict | None = None
+
+    def __post_init__(self):
+        params, opt, rng = distinct_buffers((self.params, self.opt, self.rng))
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "opt", opt)
+        object.__setattr__(self, "rng", rng)
 
 
 class CheckpointManager:
@@ -369,7 +378,7 @@ class CheckpointManager:
                 p: (tuple(d["shape"]), d["dtype"])
                 for p, d in saved_leaves.get(name, {}).items()
             }
-            if name not in saved_leaves:
+            if name not in saved_leaves and target:
                 raise CheckpointMismatchError(
                     f"step {step} in {self.directory} holds no {name!r}; it has "
                     f"{', '.join(k for k in saved_leaves if saved_leaves[k])}"

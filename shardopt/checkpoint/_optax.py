@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
 from .._optimizer import Optimizer
+from .._tree import distinct_buffers
 from ._errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -189,12 +190,14 @@ def _fill_optimizer(like: Optimizer, theirs: dict[str, Any], count: Any) -> Opti
         for path, source in plan.items()
     }
     state = from_nested(_nest(values), like.state) if values else like.state
-    return eqx.tree_at(
+    filled = eqx.tree_at(
         lambda o: (o.state, o.count),
         like,
         (state, _place(default, like.count)),
         is_leaf=lambda x: x is None,
     )
+    # every count was placed from one array: give each leaf its own buffer
+    return distinct_buffers(filled)
 
 
 def _is_arraylike(x: Any) -> bool:

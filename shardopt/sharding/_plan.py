@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -20,6 +20,28 @@ from jaxtyping import PyTree
 
 from .._tree import describe, path_str, trainable
 from ._collectives import BUCKET_BYTES
+from ._grad import value_and_grad as _value_and_grad
+from ._memory import MemoryReport
+from ._memory import memory_report as _memory_report
+from ._specs import (
+    LeafLayout,
+    axes_of,
+    data_dim,
+    device_ids,
+    leaf_path_names,
+    mesh_of,
+    normalise,
+    pick,
+    replace_trainable,
+    same_mesh,
+    spec_lookup,
+    strip_axes,
+    with_sharding_constraint,
+)
+from ._state import (
+    StateLeaf,
+    place_state,
+)
 
 _STAGES = (0, 1, 2, 3)
 
@@ -45,48 +67,6 @@ _NOTHING = (
     "{n} trainable leaves, so it would do exactly what stage 0 does:\n{why}\n"
     "Lower min_size, use data axes of another size, or use stage 0 on purpose"
 )
-
-
-class FactoredState:
-    """Mixin for state Modules whose leaves keep only some dims of a parameter.
-
-    Row and column statistics (Adafactor) are smaller than the parameter they
-    describe, so they cannot be recognised by shape alone. A state Module lists
-    in ``factored_dims`` each such field with a function from the parameter's
-    number of dimensions to the dims the leaf keeps, in order; the plan then
-    gives each kept dim the parameter's (ZeRO) sharding of that dim::
-
-        class FactoredStats(FactoredState, eqx.Module):
-            factored_dims: ClassVar = {
-                "row": lambda ndim: tuple(range(ndim - 1)),      # drops the last
-                "col": lambda ndim: (*range(ndim - 2), ndim - 1),  # drops -2
-            }
-            row: PyTree
-            col: PyTree
-
-    Leaves that keep every dim with size 1 where they reduce (``keepdims=True``)
-    need no declaration: the plan recognises them by shape.
-    """
-
-    factored_dims: ClassVar[Mapping[str, Callable[[int], tuple[int, ...]]]] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafLayout:
-    """How one trainable parameter is laid out, before and after ZeRO.
-
-    ``base`` is the parameter's own spec (its tensor-parallel layout),
-    ``partitioned`` the same with the data axes added on ``dim`` (None when the
-    leaf stays in its own layout, for the reason in ``reason``).
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: Any
-    base: PartitionSpec
-    partitioned: PartitionSpec
-    dim: int | None
-    reason: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +157,7 @@ class ShardingPlan:
         other parameters raises, naming the leaf.
         """
         unbound = dataclasses.replace(self, bound=None)
-        spec_of = _spec_lookup(specs)
+        spec_of = spec_lookup(specs)
         flat = jax.tree_util.tree_flatten_with_path(trainable(params))[0]
         bound = []
         for path, leaf in flat:
@@ -198,7 +178,7 @@ class ShardingPlan:
         """
         tp = trainable(params)
         flat, _ = jax.tree_util.tree_flatten_with_path(tp)
-        spec_of = _spec_lookup(specs)
+        spec_of = spec_lookup(specs)
         overrides = dict(self.overrides)
         if self.bound is not None and specs is None:
             self._check_bound(flat)
@@ -206,21 +186,21 @@ class ShardingPlan:
         for path, leaf in flat:
             name = path_str(path)
             own = self._base_spec(name, leaf, spec_of(name))
-            base = _strip(own, self.data_axes)
+            base = strip_axes(own, self.data_axes)
             if name in overrides:
-                spec = _normalise(overrides[name], len(leaf.shape), name)
-                dim = _data_dim(spec, self.data_axes)
+                spec = normalise(overrides[name], len(leaf.shape), name)
+                dim = data_dim(spec, self.data_axes)
                 out[name] = LeafLayout(
                     name, tuple(leaf.shape), leaf.dtype, base, spec, dim, None
                 )
                 continue
             if base != own:
-                dim = _data_dim(own, self.data_axes)
+                dim = data_dim(own, self.data_axes)
                 out[name] = LeafLayout(
                     name, tuple(leaf.shape), leaf.dtype, base, own, dim, None
                 )
                 continue
-            spec, dim, reason = self._partition(base, tuple(leaf.shape))
+            spec, dim, reason = self.zero_spec(base, tuple(leaf.shape))
             if reason is not None and self.strict and self.stage >= 1:
                 raise ValueError(
                     _STRICT.format(
@@ -267,7 +247,7 @@ class ShardingPlan:
         elif (
             given is None
             and isinstance(leaf, jax.core.Tracer)
-            and _mesh_of(leaf) is None
+            and mesh_of(leaf) is None
             and not self.explicit
         ):
             raise ValueError(
@@ -285,9 +265,9 @@ class ShardingPlan:
             spec = sharding.spec
         else:
             spec = PartitionSpec()
-        spec = _normalise(spec, ndim, name)
+        spec = normalise(spec, ndim, name)
         for entry in spec:
-            for axis in _axes(entry):
+            for axis in axes_of(entry):
                 if axis not in self.mesh.axis_names:
                     raise ValueError(
                         f"the parameter at {name} ({describe(leaf)}) is sharded "
@@ -297,27 +277,27 @@ class ShardingPlan:
         return spec
 
     def _check_mesh(self, mesh: Any, what: str, name: str, leaf: Any) -> None:
-        if not _same_mesh(mesh, self.mesh):
+        if not same_mesh(mesh, self.mesh):
             raise ValueError(
                 _OTHER_MESH.format(
                     what=what,
                     path=name,
                     desc=describe(leaf),
                     got=dict(mesh.shape),
-                    got_devices=_device_ids(mesh),
+                    got_devices=device_ids(mesh),
                     want=dict(self.mesh.shape),
-                    want_devices=_device_ids(self.mesh),
+                    want_devices=device_ids(self.mesh),
                 )
             )
 
-    def _partition(
+    def zero_spec(
         self, base: PartitionSpec, shape: tuple[int, ...]
     ) -> tuple[PartitionSpec, int | None, str | None]:
         """Add the free data axes to the largest dim they divide (ZeRO rule)."""
-        used = {a for entry in base for a in _axes(entry)}
+        used = {a for entry in base for a in axes_of(entry)}
         free = tuple(a for a in self.data_axes if a not in used)
         if not free:
-            return base, _data_dim(base, self.data_axes), "already sharded on data"
+            return base, data_dim(base, self.data_axes), "already sharded on data"
         size = math.prod(self.mesh.shape[a] for a in free)
         if size == 1:
             return base, None, "the data axes have size 1"
@@ -354,7 +334,7 @@ class ShardingPlan:
         layout = self.layout(params, specs)
         tp = trainable(params)
         return jax.tree_util.tree_map_with_path(
-            lambda p, _: _pick(layout[path_str(p)], partitioned), tp
+            lambda p, _: pick(layout[path_str(p)], partitioned), tp
         )
 
     def param_shardings(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
@@ -381,7 +361,7 @@ class ShardingPlan:
         Non-trainable leaves are returned unchanged.
         """
         shardings = self.param_shardings(params, specs)
-        return _replace_trainable(
+        return replace_trainable(
             params,
             shardings,
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -390,7 +370,7 @@ class ShardingPlan:
     def shard_params(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
         """``params`` moved into the plan's parameter layout (``jax.device_put``)."""
         shardings = self.param_shardings(params, specs)
-        return _replace_trainable(params, shardings, jax.device_put)
+        return replace_trainable(params, shardings, jax.device_put)
 
     # ------------------------------------------------------------------ state
     def state_layout(self, state: PyTree, params: PyTree) -> list[StateLeaf]:
@@ -400,56 +380,11 @@ class ShardingPlan:
         from that parameter: a *mirror* (same shape) like the mirrored state,
         a *factored* leaf (declared with :class:`FactoredState`, or reduced
         with size-1 dims) on the dims it keeps. Anything else (counts,
-        scalars, leaves of no parameter) is replicated.
+        scalars, leaves of no parameter) is replicated; under a strict plan a
+        leaf of at least ``min_size`` elements that matches no parameter is
+        an error naming its path.
         """
-        layout = self.layout(params)
-        by_path = {}
-        for path, _ in jax.tree_util.tree_flatten_with_path(trainable(params))[0]:
-            by_path[tuple(path)] = layout[path_str(path)]
-        kept = _declared_kept_dims(state)
-        overrides = dict(self.overrides)
-        zero = self.stage >= 1
-        out = []
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-            name = path_str(path)
-            shape = tuple(leaf.shape)
-            param = _longest_suffix(tuple(path), by_path)
-            if name in overrides:
-                spec = _normalise(overrides[name], len(shape), name)
-                out.append(StateLeaf(name, shape, leaf.dtype, spec, "override", None))
-                continue
-            if param is None:
-                out.append(
-                    StateLeaf(name, shape, leaf.dtype, PartitionSpec(), "other", None)
-                )
-                continue
-            if shape == param.shape and tuple(path) not in kept:
-                spec = _pick(param, zero)
-                reason = param.reason if zero else None
-                out.append(StateLeaf(name, shape, leaf.dtype, spec, "mirror", reason))
-                continue
-            dims = _kept_dims(tuple(path), kept, shape, param)
-            if dims is None:
-                out.append(
-                    StateLeaf(name, shape, leaf.dtype, PartitionSpec(), "other", None)
-                )
-                continue
-            spec, reason = self._factored_spec(param, dims, shape, zero)
-            out.append(StateLeaf(name, shape, leaf.dtype, spec, "factored", reason))
-        return out
-
-    def _factored_spec(self, param, dims, shape, zero):
-        source = _pick(param, zero)
-        entries = [None] * len(shape)
-        for i, d in enumerate(dims):
-            if d is not None and shape[i] == param.shape[d]:
-                entries[i] = source[d]
-        spec = PartitionSpec(*entries)
-        if not zero or _data_dim(spec, self.data_axes) is not None:
-            return spec, None
-        # The data axes sat on a dim this leaf drops: place them on a kept one.
-        spec, _, reason = self._partition(spec, shape)
-        return spec, reason
+        return place_state(self, state, params)
 
     def state_specs(self, state: PyTree, params: PyTree) -> PyTree:
         """PartitionSpecs for every array leaf of ``state`` (same tree)."""
@@ -462,7 +397,7 @@ class ShardingPlan:
 
     def check_overrides(self, params: PyTree, state: PyTree) -> None:
         """Raise if an override names a leaf that neither tree has."""
-        known = set(_paths(trainable(params))) | set(_paths(state))
+        known = set(leaf_path_names(trainable(params))) | set(leaf_path_names(state))
         unknown = [name for name, _ in self.overrides if name not in known]
         if unknown:
             raise ValueError(
@@ -498,7 +433,7 @@ class ShardingPlan:
         Uses ``jax.lax.with_sharding_constraint`` on meshes with Auto axes and
         ``jax.sharding.reshard`` on Explicit ones; works inside and outside jit.
         """
-        apply = jax.sharding.reshard if self.explicit else _wsc
+        apply = jax.sharding.reshard if self.explicit else with_sharding_constraint
 
         def one(x, s):
             if x is None or s is None:
@@ -532,7 +467,7 @@ class ShardingPlan:
             sharding = getattr(x, "sharding", None)
             if (
                 isinstance(sharding, NamedSharding)
-                and _same_mesh(sharding.mesh, self.mesh)
+                and same_mesh(sharding.mesh, self.mesh)
                 and sharding.mesh.axis_types == self.mesh.axis_types
                 and sharding.is_fully_replicated
             ):
@@ -555,8 +490,8 @@ class ShardingPlan:
         carry no mesh and pass.
         """
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            mesh = _mesh_of(leaf)
-            if mesh is not None and not _same_mesh(mesh, self.mesh):
+            mesh = mesh_of(leaf)
+            if mesh is not None and not same_mesh(mesh, self.mesh):
                 self._check_mesh(mesh, what, path_str(path), leaf)
 
     def scatter_dims(self, params: PyTree) -> PyTree:
@@ -571,27 +506,11 @@ class ShardingPlan:
 
         See :func:`shardopt.sharding.value_and_grad`.
         """
-        from ._collectives import value_and_grad
+        return _value_and_grad(self, loss_fn, has_aux=has_aux)
 
-        return value_and_grad(self, loss_fn, has_aux=has_aux)
-
-    def memory_report(self, params: PyTree, opt_or_transform: Any):
+    def memory_report(self, params: PyTree, opt_or_transform: Any) -> MemoryReport:
         """Predicted bytes per device and per leaf; see :func:`memory_report`."""
-        from ._report import memory_report
-
-        return memory_report(self, params, opt_or_transform)
-
-
-@dataclasses.dataclass(frozen=True)
-class StateLeaf:
-    """How one optimizer-state leaf is placed: spec, kind, why not partitioned."""
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: Any
-    spec: PartitionSpec
-    kind: str  # "mirror", "factored", "other" or "override"
-    reason: str | None
+        return _memory_report(self, params, opt_or_transform)
 
 
 def zero(
@@ -648,152 +567,3 @@ def zero(
         overrides=items,
         bucket_bytes=int(bucket_bytes),
     )
-
-
-# ---------------------------------------------------------------------- helpers
-def _wsc(x, s):
-    return jax.lax.with_sharding_constraint(x, s)
-
-
-def _axes(entry: Any) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    if isinstance(entry, str):
-        return (entry,)
-    return tuple(entry)
-
-
-def _normalise(spec: Any, ndim: int, name: str) -> PartitionSpec:
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(
-            f"the PartitionSpec {spec} for {name} has {len(entries)} entries but "
-            f"the leaf has {ndim} dims"
-        )
-    entries = entries + (None,) * (ndim - len(entries))
-    out = []
-    for e in entries:
-        axes = _axes(e)
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*out)
-
-
-def _strip(spec: PartitionSpec, data_axes: tuple[str, ...]) -> PartitionSpec:
-    """``spec`` without the data axes (the tensor-parallel part of a layout)."""
-    out = []
-    for entry in spec:
-        kept = tuple(a for a in _axes(entry) if a not in data_axes)
-        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return PartitionSpec(*out)
-
-
-def _data_dim(spec: PartitionSpec, data_axes: tuple[str, ...]) -> int | None:
-    for d, entry in enumerate(spec):
-        if set(_axes(entry)) & set(data_axes):
-            return d
-    return None
-
-
-def _pick(leaf: LeafLayout, partitioned: bool) -> PartitionSpec:
-    return leaf.partitioned if partitioned else leaf.base
-
-
-def _same_mesh(a: Any, b: Mesh) -> bool:
-    if tuple(a.axis_names) != tuple(b.axis_names):
-        return False
-    if tuple(a.axis_sizes) != tuple(b.axis_sizes):
-        return False
-    if not isinstance(a, Mesh):  # an AbstractMesh (traced, Explicit)
-        return True
-    return _device_ids(a) == _device_ids(b)
-
-
-def _device_ids(mesh: Any) -> list[int]:
-    if not isinstance(mesh, Mesh):
-        return []
-    return [d.id for d in np.asarray(mesh.devices).flat]
-
-
-def _mesh_of(leaf: Any) -> Any:
-    if isinstance(leaf, jax.core.Tracer):
-        try:
-            sharding = jax.typeof(leaf).sharding
-        except AttributeError:
-            return None
-        mesh = getattr(sharding, "mesh", None)
-        if mesh is None or not mesh.axis_names:
-            return None
-        return mesh
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        return sharding.mesh
-    return None
-
-
-def _spec_lookup(specs: PyTree | None) -> Callable[[str], Any]:
-    if specs is None:
-        return lambda name: None
-    flat = jax.tree_util.tree_flatten_with_path(
-        specs, is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding))
-    )[0]
-    table = {path_str(p): s for p, s in flat}
-    return table.get
-
-
-def _replace_trainable(params: PyTree, shardings: PyTree, fn) -> PyTree:
-    def one(x, s):
-        return x if s is None else fn(x, s)
-
-    return jax.tree.map(
-        one,
-        params,
-        shardings,
-        is_leaf=lambda x: x is None,
-    )
-
-
-def _paths(tree: PyTree) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _longest_suffix(path: tuple, by_path: dict) -> LeafLayout | None:
-    for start in range(len(path) + 1):
-        found = by_path.get(path[start:])
-        if found is not None:
-            return found
-    return None
-
-
-def _declared_kept_dims(state: PyTree) -> dict[tuple, Callable]:
-    """Key path of each leaf under a FactoredState field -> its kept-dims rule."""
-    found: dict[tuple, Callable] = {}
-    flat = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, FactoredState)
-    )[0]
-    for path, node in flat:
-        if not isinstance(node, FactoredState):
-            continue
-        for name, rule in type(node).factored_dims.items():
-            sub = jax.tree_util.tree_flatten_with_path(getattr(node, name))[0]
-            for inner, _ in sub:
-                key = (*path, jax.tree_util.GetAttrKey(name), *inner)
-                found[key] = rule
-    return found
-
-
-def _kept_dims(path, kept, shape, param) -> tuple[int | None, ...] | None:
-    """For each dim of a factored leaf, the parameter dim it keeps."""
-    if path in kept:
-        dims = tuple(kept[path](len(param.shape)))
-        if tuple(param.shape[d] for d in dims) != shape:
-            raise ValueError(
-                f"the factored state leaf ending in {param.path} has shape {shape}, "
-                f"but its declared kept dims {dims} of the parameter "
-                f"{param.shape} give {tuple(param.shape[d] for d in dims)}"
-            )
-        return dims
-    if len(shape) == len(param.shape) and all(
-        n == p or n == 1 for n, p in zip(shape, param.shape, strict=True)
-    ):
-        return tuple(d if n == param.shape[d] else None for d, n in enumerate(shape))
-    return None

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from ._hyperparams import AbstractSchedule, Schedule, hyperparameter
+from .._hyperparams import NONNEGATIVE, AbstractSchedule, Schedule, hyperparameter
 
 
 def _steps(value: int, name: str, *, positive: bool = False) -> Array:
@@ -74,7 +74,7 @@ class ExponentialDecay(AbstractSchedule):
 
     init_value: Array = hyperparameter("init_value")
     transition_steps: Array
-    decay_rate: Array = hyperparameter("decay_rate", nonnegative=True)
+    decay_rate: Array = hyperparameter("decay_rate", NONNEGATIVE)
     transition_begin: Array
     staircase: bool = eqx.field(static=True)
     end_value: Array | None

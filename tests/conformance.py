@@ -1,13 +1,18 @@
-"""The one table of optimizers under test, each beside its optax oracle.
+"""The one conformance table: every optimizer under test beside its optax oracle.
 
-Shared by tests/test_optimizers.py and scripts/parity.py. Every row builds the
-same optimizer twice: once from shardopt, once from optax, with the same
-arguments. What a row supports is declared here, nowhere else.
+Shared by tests/test_conformance.py (parity with optax, no recompilation, stable
+dtypes, the same numbers under ZeRO stages 0-3, a checkpoint round trip), the
+idiom tests and scripts/parity.py. Every row builds the same optimizer twice:
+once from shardopt, once from optax, with the same arguments. A row's ``ours``
+may hold optax transforms too (the two libraries mix). What a row supports is
+declared here, nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pathlib
 from collections.abc import Callable
 
 import equinox as eqx
@@ -151,7 +156,52 @@ ROWS = [
         DECIMAL_BETAS_RTOL,
     ),
 ]
+ROWS += [
+    # optax transforms inside shardopt: wrapped, and sharded by the plan like
+    # native ones (their state leaves are matched to the parameters by path).
+    Row(
+        "optax_clip_in_shardopt_chain",
+        lambda: shardopt.chain(
+            optax.clip_by_global_norm(1.0), shardopt.adam(1e-2, EXACT_B1, EXACT_B2)
+        ),
+        lambda: optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adam(1e-2, EXACT_B1, EXACT_B2)
+        ),
+    ),
+    Row(
+        "optax_adamw_as_the_transform",
+        lambda: optax.adamw(1e-2, EXACT_B1, EXACT_B2, weight_decay=0.1),
+        lambda: optax.adamw(1e-2, EXACT_B1, EXACT_B2, weight_decay=0.1),
+    ),
+    Row(
+        "optax_inside_shardopt_masked",
+        lambda: shardopt.chain(
+            shardopt.masked(optax.scale_by_adam(EXACT_B1, EXACT_B2), weight_mask),
+            shardopt.scale(-1e-2),
+        ),
+        lambda: optax.chain(
+            optax.masked(optax.scale_by_adam(EXACT_B1, EXACT_B2), weight_mask),
+            optax.scale(-1e-2),
+        ),
+    ),
+]
+
+
+def _family_rows() -> list[Row]:
+    """The rows of every ``tests/rows_<family>.py``: a catalogue family's entries.
+
+    A new entry joins the table by adding a ``Row`` to its family's file; this
+    table imports them all, so every test of the table runs it.
+    """
+    rows = []
+    for path in sorted(pathlib.Path(__file__).parent.glob("rows_*.py")):
+        rows += importlib.import_module(path.stem).ROWS
+    return rows
+
+
+ROWS += _family_rows()
 ROWS_BY_NAME = {row.name: row for row in ROWS}
+assert len(ROWS_BY_NAME) == len(ROWS), "two rows share a name"
 
 
 def make_params(seed: int = 0) -> dict[str, jax.Array]:
@@ -163,6 +213,22 @@ def make_params(seed: int = 0) -> dict[str, jax.Array]:
         "matrix": jax.random.normal(keys[2], (5, 3)),
         "cube": jax.random.normal(keys[3], (3, 5, 7)),
         "half": jax.random.normal(keys[4], (11, 3), jnp.bfloat16),
+    }
+
+
+def make_shardable_params(seed: int = 0) -> dict[str, jax.Array]:
+    """``make_params``'s tree with a dim of 8 or 16 in each array of 2+ dims.
+
+    On 8 devices the ZeRO plan partitions the matrix, the cube and the bfloat16
+    leaf; the scalar and the odd vector stay replicated.
+    """
+    keys = jax.random.split(jax.random.key(seed), 5)
+    return {
+        "scalar": jax.random.normal(keys[0], ()),
+        "vector": jax.random.normal(keys[1], (7,)),
+        "matrix": jax.random.normal(keys[2], (8, 3)),
+        "cube": jax.random.normal(keys[3], (3, 5, 16)),
+        "half": jax.random.normal(keys[4], (16, 3), jnp.bfloat16),
     }
 
 
@@ -203,9 +269,9 @@ class OursRun:
     compilations: int  # of ours_step, over all the steps of this run
 
 
-def run_ours(row: Row, steps: int = STEPS) -> OursRun:
-    params = make_params()
-    initial = opt = shardopt.Optimizer(row.ours(), params)
+def run_ours(row: Row, steps: int = STEPS, params=None, plan=None) -> OursRun:
+    params = make_params() if params is None else params
+    initial = opt = shardopt.Optimizer(row.ours(), params, plan=plan)
     before = TRACES["ours_step"]
     for step in range(steps):
         params, opt = ours_step(params, opt, jnp.int32(step))

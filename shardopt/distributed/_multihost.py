@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ._tree import path_str
+from .._tree import path_str
 
 # Environment variables through which shardopt.launch_local hands each child its
 # place in the job; initialize_multihost reads them.

@@ -8,19 +8,30 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from ._base import AbstractTransform, Params, State, Updates
+from .._base import AbstractTransform, Params, State, Updates, update_with_extra_args
+from .._interop import as_transform
+from .._tree import StaticTree
 
 
 class Chain(AbstractTransform):
-    """Apply ``transforms`` in order; the state is the tuple of their states."""
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    Extra arguments (``value``, ``grad``, ...) reach every transform that takes
+    them.
+    """
 
     transforms: tuple[AbstractTransform, ...]
+    takes_extra_args = True
 
     def init(self, params: Params) -> tuple[State, ...]:
         return tuple(t.init(params) for t in self.transforms)
 
     def update(
-        self, grads: Updates, state: tuple[State, ...], params: Params | None = None
+        self,
+        grads: Updates,
+        state: tuple[State, ...],
+        params: Params | None = None,
+        **extra_args: Any,
     ) -> tuple[Updates, tuple[State, ...]]:
         if len(state) != len(self.transforms):
             raise ValueError(
@@ -29,20 +40,22 @@ class Chain(AbstractTransform):
             )
         new_states = []
         for transform, inner in zip(self.transforms, state, strict=True):
-            grads, inner = transform.update(grads, inner, params)
+            grads, inner = update_with_extra_args(
+                transform, grads, inner, params, extra_args
+            )
             new_states.append(inner)
         return grads, tuple(new_states)
 
 
-def chain(*transforms: AbstractTransform) -> Chain:
-    """Compose transforms: the updates of each feed the next."""
-    for i, transform in enumerate(transforms):
-        if not isinstance(transform, AbstractTransform):
-            raise TypeError(
-                f"chain argument {i} is a {type(transform).__name__}, not a "
-                "shardopt transform"
-            )
-    return Chain(tuple(transforms))
+def chain(*transforms: Any) -> Chain:
+    """Compose transforms: the updates of each feed the next.
+
+    Each argument is a shardopt transform or an optax ``GradientTransformation``
+    (wrapped in :class:`~shardopt.OptaxTransform`), so the two libraries mix.
+    """
+    return Chain(
+        tuple(as_transform(t, f"chain argument {i}") for i, t in enumerate(transforms))
+    )
 
 
 class MaskedState(eqx.Module):
@@ -58,10 +71,11 @@ class Masked(AbstractTransform):
     """
 
     inner: AbstractTransform
-    mask: Any
+    mask: Callable[[Params], Params] | StaticTree = eqx.field(static=True)
+    takes_extra_args = True
 
     def _mask_for(self, tree: Params) -> Any:
-        mask = self.mask(tree) if callable(self.mask) else self.mask
+        mask = self.mask.tree if isinstance(self.mask, StaticTree) else self.mask(tree)
         try:
             jax.tree.map(lambda m, _: bool(m), mask, tree)
         except (ValueError, TypeError) as err:
@@ -76,12 +90,16 @@ class Masked(AbstractTransform):
         return MaskedState(self.inner.init(_keep(mask, params)))
 
     def update(
-        self, grads: Updates, state: MaskedState, params: Params | None = None
+        self,
+        grads: Updates,
+        state: MaskedState,
+        params: Params | None = None,
+        **extra_args: Any,
     ) -> tuple[Updates, MaskedState]:
         mask = self._mask_for(grads)
         inner_params = None if params is None else _keep(mask, params)
-        new, inner_state = self.inner.update(
-            _keep(mask, grads), state.inner_state, inner_params
+        new, inner_state = update_with_extra_args(
+            self.inner, _keep(mask, grads), state.inner_state, inner_params, extra_args
         )
         updates = jax.tree.map(lambda m, n, g: n if m else g, mask, new, grads)
         return updates, MaskedState(inner_state)
@@ -91,8 +109,17 @@ def _keep(mask: Any, tree: Params) -> Params:
     return jax.tree.map(lambda m, x: x if m else None, mask, tree)
 
 
-def masked(
-    inner: AbstractTransform, mask: Params | Callable[[Params], Params]
-) -> Masked:
-    """Apply ``inner`` to the leaves where ``mask`` is True only."""
-    return Masked(inner, mask)
+def masked(inner: Any, mask: Params | Callable[[Params], Params]) -> Masked:
+    """Apply ``inner`` (shardopt or optax) to the leaves where ``mask`` is True."""
+    inner = as_transform(inner, "masked's inner transform")
+    return Masked(inner, mask if callable(mask) else _static_mask(mask))
+
+
+def _static_mask(mask: Params) -> StaticTree:
+    try:
+        return StaticTree(mask)
+    except (TypeError, jax.errors.ConcretizationTypeError) as err:
+        raise TypeError(
+            "masked's mask must be a tree of Python bools (or a function of the "
+            f"parameters that returns one): {err}"
+        ) from err

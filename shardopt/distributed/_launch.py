@@ -290,7 +290,7 @@ class _Child:
         self.started = time.monotonic()
         self.ended: float | None = None
         self.popen = subprocess.Popen(
-            [sys.executable, "-u", "-m", "shardopt._launch_worker", spec_path],
+            [sys.executable, "-u", "-m", "shardopt.distributed._worker", spec_path],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

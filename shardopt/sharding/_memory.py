@@ -1,12 +1,9 @@
-"""Memory per device and per leaf, predicted from shapes and measured from arrays;
-and the collectives in compiled HLO."""
+"""Memory per device and per leaf: predicted from shapes, measured from arrays."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
@@ -14,6 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 from jaxtyping import PyTree
 
+from .._interop import as_transform, is_transform
 from .._tree import path_str, trainable
 
 keystr = jax.tree_util.keystr
@@ -105,14 +103,13 @@ def memory_report(plan, params: PyTree, opt_or_transform: Any) -> MemoryReport:
     is built abstractly with ``jax.eval_shape``). Nothing is allocated.
     Gradients are counted in the plan's gradient layout, one tree of them.
     """
-    from .._optimizer import Optimizer
-
     tp = trainable(params)
     abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
-    if isinstance(opt_or_transform, Optimizer):
+    if is_transform(opt_or_transform):
+        transform = as_transform(opt_or_transform, "memory_report")
+        state = jax.eval_shape(transform.init, abstract_tp)
+    else:  # an Optimizer (or anything holding a state)
         state = opt_or_transform.state
-    else:
-        state = jax.eval_shape(opt_or_transform.init, abstract_tp)
     devices = tuple(d.id for d in plan.mesh.devices.flat)
     n = len(devices)
     layout = plan.layout(params)
@@ -179,56 +176,3 @@ def measure_memory(
         add("state", opt.state)
         add("state", opt.count, prefix=".count")
     return MemoryReport(ids, tuple(rows))
-
-
-# ------------------------------------------------------------------ collectives
-_COLLECTIVE = re.compile(
-    r"=\s*(\([^=]*?\)|\S+)\s+"
-    r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\("
-)
-_COMMENT = re.compile(r"/\*.*?\*/")
-_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    """One collective op in compiled HLO: its kind and result shapes."""
-
-    kind: str
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def elements(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-
-def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective in ``compiled.as_text()`` (async pairs counted once)."""
-    found = []
-    # XLA writes /*index=5*/ inside long tuple shapes (combined collectives):
-    # drop comments first so their "=" cannot hide an op.
-    hlo_text = _COMMENT.sub("", hlo_text)
-    for shapes, kind in _COLLECTIVE.findall(hlo_text):
-        parsed = tuple(
-            tuple(int(n) for n in dims.split(",") if n)
-            for _, dims in _SHAPE.findall(shapes)
-        )
-        if kind == "all-gather" and shapes.startswith("("):
-            # all-gather-start returns (operand, result): keep the result.
-            parsed = parsed[len(parsed) // 2 :]
-        found.append(Collective(kind, parsed))
-    return found
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-    """``{kind: count}`` of the collectives in compiled HLO text."""
-    return dict(collections.Counter(c.kind for c in collectives(hlo_text)))
-
-
-def compiled_text(fn, *args, **kwargs) -> str:
-    """The optimised HLO of ``fn(*args)`` (``fn`` a jit or filter_jit function)."""
-    lowered = fn.lower(*args, **kwargs)
-    compiled = lowered.compile()
-    compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps it
-    return compiled.as_text()

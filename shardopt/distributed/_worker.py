@@ -1,4 +1,4 @@
-"""The child side of shardopt.launch_local: ``python -m shardopt._launch_worker SPEC``.
+"""The child side of shardopt.launch_local (``python -m shardopt.distributed._worker``).
 
 Joins the job (``jax.distributed.initialize`` through initialize_multihost),
 runs the target, writes its pickled return value, and exits. Every path out is
@@ -46,7 +46,7 @@ def _run(spec: dict[str, Any]) -> Any:
     for name, value in spec["jax_config"].items():
         jax.config.update(name, value)
 
-    from shardopt._multihost import initialize_multihost
+    from shardopt.distributed._multihost import initialize_multihost
 
     initialize_multihost()
     kind, where, name = spec["target"]

@@ -1,0 +1,1 @@
+"""The catalogue: optimizers that only compose transforms, by family."""

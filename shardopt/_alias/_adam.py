@@ -1,0 +1,52 @@
+"""Adam and its decoupled-weight-decay form."""
+
+from __future__ import annotations
+
+from jax.typing import DTypeLike
+
+from .._hyperparams import ScalarOrSchedule
+from .._transforms._combinators import Chain, chain
+from .._transforms._decay import add_decayed_weights
+from .._transforms._moments import scale_by_adam
+from .._transforms._scale import scale_by_learning_rate
+from ._types import Mask
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule = 0.9,
+    b2: ScalarOrSchedule = 0.999,
+    eps: ScalarOrSchedule = 1e-8,
+    eps_root: ScalarOrSchedule = 0.0,
+    mu_dtype: DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+) -> Chain:
+    """Adam. Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015."""
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule = 0.9,
+    b2: ScalarOrSchedule = 0.999,
+    eps: ScalarOrSchedule = 1e-8,
+    eps_root: ScalarOrSchedule = 0.0,
+    mu_dtype: DTypeLike | None = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Mask = None,
+    *,
+    nesterov: bool = False,
+) -> Chain:
+    """Adam with decoupled weight decay, applied where ``mask`` is True.
+
+    Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,31 @@
+"""Stochastic gradient descent and its momentum variants."""
+
+from __future__ import annotations
+
+from jax.typing import DTypeLike
+
+from .._base import identity
+from .._hyperparams import ScalarOrSchedule
+from .._transforms._combinators import Chain, chain
+from .._transforms._moments import trace
+from .._transforms._scale import scale_by_learning_rate
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: ScalarOrSchedule | None = None,
+    nesterov: bool = False,
+    accumulator_dtype: DTypeLike | None = None,
+) -> Chain:
+    """Stochastic gradient descent, with optional (Nesterov) momentum.
+
+    Robbins & Monro, "A Stochastic Approximation Method", 1951; momentum after
+    Sutskever et al., "On the importance of initialization and momentum in deep
+    learning", ICML 2013.
+    """
+    momentum_part = (
+        identity()
+        if momentum is None
+        else trace(momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+    )
+    return chain(momentum_part, scale_by_learning_rate(learning_rate))

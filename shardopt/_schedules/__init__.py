@@ -1,0 +1,1 @@
+"""Schedules: functions of the step count whose numbers are array leaves."""

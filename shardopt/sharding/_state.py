@@ -1,0 +1,178 @@
+"""Placing optimizer state: each state leaf is matched to the parameter whose
+path its own path ends with, and laid out as a mirror or a factored copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jax
+from jax.sharding import PartitionSpec
+from jaxtyping import PyTree
+
+from .._tree import describe, path_str, trainable
+from ._specs import LeafLayout, data_dim, normalise, pick
+
+if TYPE_CHECKING:
+    from ._plan import ShardingPlan
+
+
+class FactoredState:
+    """Mixin for state Modules whose leaves keep only some dims of a parameter.
+
+    Row and column statistics (Adafactor) are smaller than the parameter they
+    describe, so they cannot be recognised by shape alone. A state Module lists
+    in ``factored_dims`` each such field with a function from the parameter's
+    number of dimensions to the dims the leaf keeps, in order; the plan then
+    gives each kept dim the parameter's (ZeRO) sharding of that dim::
+
+        class FactoredStats(FactoredState, eqx.Module):
+            factored_dims: ClassVar = {
+                "row": lambda ndim: tuple(range(ndim - 1)),      # drops the last
+                "col": lambda ndim: (*range(ndim - 2), ndim - 1),  # drops -2
+            }
+            row: PyTree
+            col: PyTree
+
+    Leaves that keep every dim with size 1 where they reduce (``keepdims=True``)
+    need no declaration: the plan recognises them by shape.
+    """
+
+    factored_dims: ClassVar[Mapping[str, Callable[[int], tuple[int, ...]]]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLeaf:
+    """How one optimizer-state leaf is placed: spec, kind, why not partitioned."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    spec: PartitionSpec
+    kind: str  # "mirror", "factored", "other" or "override"
+    reason: str | None
+
+
+def longest_suffix(path: tuple, by_path: dict) -> LeafLayout | None:
+    for start in range(len(path) + 1):
+        found = by_path.get(path[start:])
+        if found is not None:
+            return found
+    return None
+
+
+def declared_kept_dims(state: PyTree) -> dict[tuple, Callable]:
+    """Key path of each leaf under a FactoredState field -> its kept-dims rule."""
+    found: dict[tuple, Callable] = {}
+    flat = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, FactoredState)
+    )[0]
+    for path, node in flat:
+        if not isinstance(node, FactoredState):
+            continue
+        for name, rule in type(node).factored_dims.items():
+            sub = jax.tree_util.tree_flatten_with_path(getattr(node, name))[0]
+            for inner, _ in sub:
+                key = (*path, jax.tree_util.GetAttrKey(name), *inner)
+                found[key] = rule
+    return found
+
+
+def kept_dims(path, kept, shape, param) -> tuple[int | None, ...] | None:
+    """For each dim of a factored leaf, the parameter dim it keeps."""
+    if path in kept:
+        dims = tuple(kept[path](len(param.shape)))
+        if tuple(param.shape[d] for d in dims) != shape:
+            raise ValueError(
+                f"the factored state leaf ending in {param.path} has shape {shape}, "
+                f"but its declared kept dims {dims} of the parameter "
+                f"{param.shape} give {tuple(param.shape[d] for d in dims)}"
+            )
+        return dims
+    if len(shape) == len(param.shape) and all(
+        n == p or n == 1 for n, p in zip(shape, param.shape, strict=True)
+    ):
+        return tuple(d if n == param.shape[d] else None for d, n in enumerate(shape))
+    return None
+
+
+def place_state(plan: ShardingPlan, state: PyTree, params: PyTree) -> list[StateLeaf]:
+    """How every array leaf of an optimizer state is placed, with the reason.
+
+    A leaf whose key path ends with a trainable parameter's path is placed
+    from that parameter: a *mirror* (same shape) like the mirrored state,
+    a *factored* leaf (declared with :class:`FactoredState`, or reduced
+    with size-1 dims) on the dims it keeps. Anything else (counts,
+    scalars, leaves of no parameter) is replicated.
+    """
+    layout = plan.layout(params)
+    by_path = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(trainable(params))[0]:
+        by_path[tuple(path)] = layout[path_str(path)]
+    kept = declared_kept_dims(state)
+    overrides = dict(plan.overrides)
+    zero = plan.stage >= 1
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = path_str(path)
+        shape = tuple(leaf.shape)
+        param = longest_suffix(tuple(path), by_path)
+        if name in overrides:
+            spec = normalise(overrides[name], len(shape), name)
+            out.append(StateLeaf(name, shape, leaf.dtype, spec, "override", None))
+            continue
+        if param is None:
+            out.append(
+                _unmatched(plan, name, leaf, "its path ends with no parameter's")
+            )
+            continue
+        if shape == param.shape and tuple(path) not in kept:
+            spec = pick(param, zero)
+            reason = param.reason if zero else None
+            out.append(StateLeaf(name, shape, leaf.dtype, spec, "mirror", reason))
+            continue
+        dims = kept_dims(tuple(path), kept, shape, param)
+        if dims is None:
+            why = f"its shape {shape} is neither {param.path}'s nor a reduction of it"
+            out.append(_unmatched(plan, name, leaf, why))
+            continue
+        spec, reason = _factored_spec(plan, param, dims, shape, zero)
+        out.append(StateLeaf(name, shape, leaf.dtype, spec, "factored", reason))
+    return out
+
+
+def _unmatched(plan: ShardingPlan, name: str, leaf: Any, why: str) -> StateLeaf:
+    """A state leaf that mirrors no parameter: replicated, and said so when large.
+
+    Counts and other scalars or small leaves are replicated without comment. A
+    leaf of ``min_size`` elements or more costs its full size on every device,
+    so the report gives the reason, and a strict plan raises.
+    """
+    shape = tuple(leaf.shape)
+    reason = None
+    if plan.stage >= 1 and shape and math.prod(shape) >= plan.min_size:
+        reason = f"matches no parameter ({why}); replicated"
+        if plan.strict:
+            raise ValueError(
+                f"strict plan: the optimizer state leaf at {name} "
+                f"({describe(leaf)}) cannot be sharded: {reason}. Give it an "
+                "override (shardopt.zero(..., overrides={path: PartitionSpec}))"
+                " or use strict=False"
+            )
+    return StateLeaf(name, shape, leaf.dtype, PartitionSpec(), "other", reason)
+
+
+def _factored_spec(plan: ShardingPlan, param, dims, shape, zero):
+    source = pick(param, zero)
+    entries = [None] * len(shape)
+    for i, d in enumerate(dims):
+        if d is not None and shape[i] == param.shape[d]:
+            entries[i] = source[d]
+    spec = PartitionSpec(*entries)
+    if not zero or data_dim(spec, plan.data_axes) is not None:
+        return spec, None
+    # The data axes sat on a dim this leaf drops: place them on a kept one.
+    spec, _, reason = plan.zero_spec(spec, shape)
+    return spec, reason
