@@ -17,6 +17,8 @@ from ._base import apply_updates as apply_updates
 from ._base import identity as identity
 from ._hyperparams import AbstractSchedule as AbstractSchedule
 from ._interop import OptaxTransform as OptaxTransform
+from ._microbatch import AccumulationType as AccumulationType
+from ._microbatch import microbatch as microbatch
 from ._optimizer import Optimizer as Optimizer
 from ._schedules._basic import constant_schedule as constant_schedule
 from ._schedules._basic import cosine_decay_schedule as cosine_decay_schedule
@@ -30,6 +32,8 @@ from ._schedules._basic import polynomial_schedule as polynomial_schedule
 from ._schedules._basic import (
     warmup_cosine_decay_schedule as warmup_cosine_decay_schedule,
 )
+from ._transforms._accumulation import MultiSteps as MultiSteps
+from ._transforms._accumulation import MultiStepsState as MultiStepsState
 from ._transforms._clipping import clip as clip
 from ._transforms._clipping import clip_by_global_norm as clip_by_global_norm
 from ._transforms._combinators import Chain as Chain

@@ -19,3 +19,16 @@ def pytest_sessionstart(session):
             f"the tests need 8 CPU devices but JAX sees {count}: XLA_FLAGS was "
             "set after JAX started, or overridden"
         )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``), keep each conformance row's tests
+    on one worker: they share that row's cached runs and compiled steps."""
+    import pytest
+
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if item.module.__name__ == "test_conformance" and callspec is not None:
+            name = callspec.params.get("name")
+            if name is not None:
+                item.add_marker(pytest.mark.xdist_group(name))

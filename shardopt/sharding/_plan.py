@@ -345,6 +345,11 @@ class ShardingPlan:
         """NamedShardings the gradients are reduced into."""
         return self._to_shardings(self.grad_specs(params, specs))
 
+    def mirror_shardings(self, params: PyTree, specs: PyTree | None = None) -> PyTree:
+        """NamedShardings of state that mirrors the parameters (moments,
+        gradient accumulators): partitioned from stage 1."""
+        return self._to_shardings(self.mirror_specs(params, specs))
+
     def _to_shardings(self, specs: PyTree) -> PyTree:
         return jax.tree.map(
             self.sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
