@@ -18,7 +18,7 @@ MAX_LINES = 600
 # Optimizer <- checkpoint, integrations). Modules not listed are the package's
 # re-export points (__init__.py).
 LAYERS = {
-    "core": 0,  # _base, _tree, _tree_math, _hyperparams, _interop
+    "core": 0,  # _base, _tree, _tree_math, _hyperparams, _interop, _microbatch
     "transforms": 1,  # _transforms, _schedules, _alias
     "sharding": 2,
     "optimizer": 3,
@@ -51,7 +51,14 @@ def layer(module: str) -> str | None:
     if len(parts) == 1 or parts[-1] == "__init__":
         return None
     top = parts[1]
-    if top in {"_base", "_tree", "_tree_math", "_hyperparams", "_interop"}:
+    if top in {
+        "_base",
+        "_tree",
+        "_tree_math",
+        "_hyperparams",
+        "_interop",
+        "_microbatch",
+    }:
         return "core"
     if top in {"_transforms", "_schedules", "_alias"}:
         return "transforms" if len(parts) > 2 else None
