@@ -135,8 +135,15 @@ class AbstractCountingTransform(AbstractTransform):
         return updates, CountState(safe_increment(state.count))
 
 
-class Identity(AbstractTransform):
-    """Pass the updates through unchanged."""
+class AbstractStatelessTransform(AbstractTransform):
+    """A transform that keeps nothing between steps (its state is EmptyState).
+
+    Subclasses implement :meth:`apply`; ``init`` and ``update`` are given.
+    """
+
+    @abc.abstractmethod
+    def apply(self, grads: Updates, params: Params | None) -> Updates:
+        """The updates for this step."""
 
     def init(self, params: Params) -> EmptyState:
         del params
@@ -145,8 +152,15 @@ class Identity(AbstractTransform):
     def update(
         self, grads: Updates, state: EmptyState, params: Params | None = None
     ) -> tuple[Updates, EmptyState]:
+        return self.apply(grads, params), state
+
+
+class Identity(AbstractStatelessTransform):
+    """Pass the updates through unchanged."""
+
+    def apply(self, grads: Updates, params: Params | None) -> Updates:
         del params
-        return grads, state
+        return grads
 
 
 def identity() -> Identity:

@@ -80,8 +80,8 @@ def as_hyperparameter(
             f"{name} must be a float or a schedule, got {type(value).__name__}"
         ) from err
     if array.shape != () or not (
-        np.issubdtype(array.dtype, np.floating)
-        or np.issubdtype(array.dtype, np.integer)
+        jnp.issubdtype(array.dtype, jnp.floating)  # bfloat16 too
+        or jnp.issubdtype(array.dtype, jnp.integer)
     ):
         raise ValueError(
             f"{name} must be a real scalar or a schedule, got "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -20,7 +21,7 @@ from ._base import (
 )
 from ._hyperparams import as_hyperparameter, hyperparameter_fields
 from ._interop import as_transform
-from ._tree import check_grads_match, trainable
+from ._tree import check_grads_match, is_trainable, trainable
 from .sharding._plan import ShardingPlan
 
 
@@ -110,6 +111,7 @@ class Optimizer(eqx.Module):
                 plan.constrain(grads, plan.grad_shardings(tp)), mirror
             )
             tp = plan.constrain(tp, mirror)
+        extra_args = _objective_on_whole(extra_args, params)
         updates, state = update_with_extra_args(
             self.transform, grads, self.state, tp, extra_args
         )
@@ -151,6 +153,22 @@ class Optimizer(eqx.Module):
         if self.plan is not None:
             transform = self.plan.replicate(transform)
         return eqx.tree_at(lambda o: o.transform, self, transform)
+
+
+def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:
+    """``value_fn`` as transforms call it: on the trainable leaves (``None``
+    elsewhere), given back the rest of ``params`` (an Equinox model's
+    functions, integer buffers) before it is evaluated."""
+    value_fn = extra_args.get("value_fn")
+    if value_fn is None:
+        return extra_args
+    rest = jax.tree.map(lambda x: None if is_trainable(x) else x, params)
+
+    @functools.wraps(value_fn)  # keeps its signature: keywords are matched to it
+    def on_whole(trained, *args, **kwargs):
+        return value_fn(eqx.combine(trained, rest), *args, **kwargs)
+
+    return {**extra_args, "value_fn": on_whole}
 
 
 def _init_sharded(

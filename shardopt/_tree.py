@@ -105,17 +105,32 @@ def distinct_buffers(tree: PyTree) -> PyTree:
 
 
 class StaticTree:
-    """A tree of Python bools (a mask) held as structure: hashable, never traced.
+    """A tree of hashable leaves (a mask of bools, labels) held as structure.
 
     Kept in a static Module field, so ``jax.jit`` sees no leaves to trace and
-    hashing the Module (``static_argnums``) works.
+    hashing the Module (``static_argnums``) works. ``convert`` is applied to
+    each leaf first (``bool`` for masks); ``what`` names the argument in the
+    error raised for a leaf that cannot be hashed.
     """
 
     __slots__ = ("leaves", "treedef")
 
-    def __init__(self, tree: PyTree):
-        leaves, self.treedef = jax.tree.flatten(tree)
-        self.leaves = tuple(bool(leaf) for leaf in leaves)
+    def __init__(
+        self, tree: PyTree, convert: Any = None, what: str = "the tree"
+    ) -> None:
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        leaves = []
+        for path, leaf in flat:
+            leaf = leaf if convert is None else convert(leaf)
+            try:
+                hash(leaf)
+            except TypeError as err:
+                raise TypeError(
+                    f"{what} must hold hashable leaves (e.g. strings or bools), "
+                    f"got {type(leaf).__name__} at {path_str(path)}"
+                ) from err
+            leaves.append(leaf)
+        self.leaves = tuple(leaves)
 
     @property
     def tree(self) -> PyTree:

@@ -32,3 +32,15 @@ def pytest_collection_modifyitems(config, items):
             name = callspec.params.get("name")
             if name is not None:
                 item.add_marker(pytest.mark.xdist_group(name))
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Free JAX's compiled executables whenever the next test is in another module.
+
+    Every executable XLA:CPU loads keeps memory maps; a worker that holds those
+    of the whole suite (over a thousand steps compiled) passes the kernel's
+    limit of 65530 maps, and the next compilation dies with a segfault. Tests
+    of one module share their compilations; modules do not.
+    """
+    if nextitem is None or nextitem.module is not item.module:
+        jax.clear_caches()

@@ -96,3 +96,9 @@ def test_replaced_hyperparameter_is_validated_like_the_constructor():
     opt = shardopt.Optimizer(shardopt.adam(1e-3), PARAMS)
     with pytest.raises(ValueError, match=r"b1 must be in \[0, 1\), got 2.0"):
         opt.with_hyperparameters(b1=2.0)
+
+
+def test_schedule_boundaries_must_increase():
+    parts = [shardopt.constant_schedule(v) for v in (1.0, 0.5, 0.1)]
+    with pytest.raises(ValueError, match=r"boundaries must increase, got \[20, 10\]"):
+        shardopt.join_schedules(parts, [20, 10])

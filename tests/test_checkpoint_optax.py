@@ -46,6 +46,8 @@ MIGRATION_ROWS = [
     "adagrad",
     "lion",
     "clip_trace_scale",
+    "adan_masked_exact_betas",  # optax names Adan's count ``t``
+    "optimistic_adam_v2_exact_betas",  # optax keeps ``is_initial_step``
 ]
 
 

@@ -22,7 +22,10 @@ def adam(
     *,
     nesterov: bool = False,
 ) -> Chain:
-    """Adam. Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015."""
+    """Adam: bias-corrected first moment over the root of the second.
+
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+    """
     return chain(
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
         scale_by_learning_rate(learning_rate),

@@ -38,7 +38,11 @@ def adagrad(
     initial_accumulator_value: float = 0.1,
     eps: ScalarOrSchedule = 1e-7,
 ) -> Chain:
-    """Adagrad. Duchi, Hazan & Singer, JMLR 2011."""
+    """Adagrad: steps divided by the root of all squared gradients so far.
+
+    Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization", JMLR 2011.
+    """
     return chain(
         scale_by_rss(initial_accumulator_value, eps),
         scale_by_learning_rate(learning_rate),

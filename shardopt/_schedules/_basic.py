@@ -6,6 +6,7 @@ step counts are array leaves, so changing them never recompiles.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -222,6 +223,12 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
             f"join_schedules needs one boundary fewer than schedules: got "
             f"{len(schedules)} schedules and {len(boundaries)} boundaries"
         )
+    for earlier, later in itertools.pairwise(boundaries):
+        if later <= earlier:
+            raise ValueError(
+                f"join_schedules' boundaries must increase, got {list(boundaries)} "
+                f"({later} after {earlier})"
+            )
     return Join(tuple(schedules), tuple(_steps(b, f"boundary {b}") for b in boundaries))
 
 

@@ -117,7 +117,7 @@ def masked(inner: Any, mask: Params | Callable[[Params], Params]) -> Masked:
 
 def _static_mask(mask: Params) -> StaticTree:
     try:
-        return StaticTree(mask)
+        return StaticTree(mask, bool, "masked's mask")
     except (TypeError, jax.errors.ConcretizationTypeError) as err:
         raise TypeError(
             "masked's mask must be a tree of Python bools (or a function of the "

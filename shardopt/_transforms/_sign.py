@@ -1,4 +1,4 @@
-"""Sign-based updates: Lion."""
+"""Sign-based updates: the plain sign, Lion."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array
 
-from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
+from .._base import (
+    AbstractStatelessTransform,
+    AbstractTransform,
+    Params,
+    Updates,
+    safe_increment,
+    zero_count,
+)
 from .._hyperparams import (
     UNIT_INTERVAL,
     Hyperparameter,
@@ -23,6 +30,18 @@ from .._tree_math import (
     ema,
     zeros_like,
 )
+
+
+class ScaleBySign(AbstractStatelessTransform):
+    """Replace every update value by its sign: ``u = sign(g)`` (0 stays 0).
+
+    Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex
+    Problems", ICML 2018.
+    """
+
+    def apply(self, grads: Updates, params: Params | None) -> Updates:
+        del params
+        return jax.tree.map(jnp.sign, grads)
 
 
 class ScaleByLionState(eqx.Module):
@@ -59,6 +78,11 @@ class ScaleByLion(AbstractTransform):
         mu = jax.tree.map(lambda g, m: ema(g, m, b2, 1), grads, state.mu)
         mu = cast(mu, self.mu_dtype)
         return updates, ScaleByLionState(safe_increment(state.count), mu)
+
+
+def scale_by_sign() -> ScaleBySign:
+    """Rescale updates to their element-wise sign."""
+    return ScaleBySign()
 
 
 def scale_by_lion(

@@ -38,6 +38,10 @@ from ._manager import Restored
 from ._tree import abstract_target, find_mesh, from_nested, nested_paths, replicated
 
 COUNT = "count"
+# optax's Adan names its step count ``t``
+COUNT_NAMES = (COUNT, "t")
+# optax's optimistic gradient keeps ``count == 0`` as a bool instead of a count
+INITIAL_STEP = "is_initial_step"
 UNMAPPED_HINT = (
     "  Is the optax optimizer the equivalent of the shardopt one (the same "
     "transforms chained in the same order, the same mask, the same mu_dtype)? "
@@ -47,7 +51,11 @@ UNMAPPED_HINT = (
 
 
 def _is_count(path: str) -> bool:
-    return path.rsplit("/", 1)[-1] == COUNT
+    return path.rsplit("/", 1)[-1] in (*COUNT_NAMES, INITIAL_STEP)
+
+
+def _is_initial_step(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == INITIAL_STEP
 
 
 def _flat(tree: PyTree) -> dict[str, Any]:
@@ -126,7 +134,11 @@ def _the_count(theirs: dict[str, Any], count: Any) -> jax.Array:
     """The explicit ``count``, else the one value of every count in ``theirs``."""
     if count is not None:
         return jnp.asarray(count, jnp.int32)
-    values = {p: int(np.asarray(x)) for p, x in theirs.items() if _is_count(p)}
+    values = {
+        p: int(np.asarray(x))
+        for p, x in theirs.items()
+        if _is_count(p) and not _is_initial_step(p)
+    }
     distinct = sorted(set(values.values()))
     if len(distinct) == 1:
         return jnp.asarray(distinct[0], jnp.int32)
@@ -231,8 +243,12 @@ def to_optax(opt: Optimizer, like: PyTree) -> PyTree:
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     theirs = {"/".join(_key(k) for k in path): leaf for path, leaf in flat}
     plan = _plan(theirs, ours, "to")
+
+    def count_for(path: str) -> Any:
+        return opt.count == 0 if _is_initial_step(path) else opt.count
+
     leaves = [
-        _place(ours[source] if source else opt.count, theirs[path])
+        _place(ours[source] if source else count_for(path), theirs[path])
         for path, source in plan.items()
     ]
     return jax.tree_util.tree_unflatten(treedef, leaves)

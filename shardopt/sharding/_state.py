@@ -63,14 +63,48 @@ def longest_suffix(path: tuple, by_path: dict) -> LeafLayout | None:
     return None
 
 
+def declared_subtrees(state: PyTree) -> dict[tuple, tuple]:
+    """Key path of each declared field -> the parameters' sub-tree it mirrors.
+
+    A wrapper that initialises its inner transform on part of the parameters
+    (lookahead's fast optimizer sees only ``params.fast``) gives its state
+    Module a class attribute ``param_subtrees``: field name -> key path of
+    that part. The field's leaves are then matched to the parameters under it.
+    """
+    declares = lambda x: isinstance(getattr(type(x), "param_subtrees", None), dict)
+    found: dict[tuple, tuple] = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=declares)[0]:
+        if declares(node):
+            for name, prefix in type(node).param_subtrees.items():
+                found[(*path, jax.tree_util.GetAttrKey(name))] = tuple(prefix)
+    return found
+
+
+def matching_param(path: tuple, by_path: dict, subtrees: dict) -> LeafLayout | None:
+    """The parameter whose path the leaf's path ends with (inside its sub-tree)."""
+    for field, prefix in subtrees.items():
+        if path[: len(field)] == field:
+            rest = path[len(field) :]
+            for start in range(len(rest) + 1):
+                found = by_path.get((*prefix, *rest[start:]))
+                if found is not None:
+                    return found
+            return None
+    return longest_suffix(path, by_path)
+
+
+def _declares_kept_dims(node: Any) -> bool:
+    # FactoredState, or any class with a ``factored_dims`` dict: transforms
+    # declare it without importing this (higher) layer.
+    return isinstance(getattr(type(node), "factored_dims", None), dict)
+
+
 def declared_kept_dims(state: PyTree) -> dict[tuple, Callable]:
-    """Key path of each leaf under a FactoredState field -> its kept-dims rule."""
+    """Key path of each leaf under a declared factored field -> its kept-dims rule."""
     found: dict[tuple, Callable] = {}
-    flat = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, FactoredState)
-    )[0]
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_declares_kept_dims)[0]
     for path, node in flat:
-        if not isinstance(node, FactoredState):
+        if not _declares_kept_dims(node):
             continue
         for name, rule in type(node).factored_dims.items():
             sub = jax.tree_util.tree_flatten_with_path(getattr(node, name))[0]
@@ -81,14 +115,19 @@ def declared_kept_dims(state: PyTree) -> dict[tuple, Callable]:
 
 
 def kept_dims(path, kept, shape, param) -> tuple[int | None, ...] | None:
-    """For each dim of a factored leaf, the parameter dim it keeps."""
+    """For each dim of a factored leaf, the parameter dim it keeps (None: a dim
+    of the leaf's own, e.g. a leading history dim, laid out unpartitioned)."""
     if path in kept:
         dims = tuple(kept[path](len(param.shape)))
-        if tuple(param.shape[d] for d in dims) != shape:
+        want = tuple(
+            n if d is None else param.shape[d]
+            for d, n in zip(dims, shape, strict=False)
+        )
+        if len(dims) != len(shape) or want != shape:
             raise ValueError(
                 f"the factored state leaf ending in {param.path} has shape {shape}, "
                 f"but its declared kept dims {dims} of the parameter "
-                f"{param.shape} give {tuple(param.shape[d] for d in dims)}"
+                f"{param.shape} give {want}"
             )
         return dims
     if len(shape) == len(param.shape) and all(
@@ -112,13 +151,14 @@ def place_state(plan: ShardingPlan, state: PyTree, params: PyTree) -> list[State
     for path, _ in jax.tree_util.tree_flatten_with_path(trainable(params))[0]:
         by_path[tuple(path)] = layout[path_str(path)]
     kept = declared_kept_dims(state)
+    subtrees = declared_subtrees(state)
     overrides = dict(plan.overrides)
     zero = plan.stage >= 1
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         name = path_str(path)
         shape = tuple(leaf.shape)
-        param = longest_suffix(tuple(path), by_path)
+        param = matching_param(tuple(path), by_path, subtrees)
         if name in overrides:
             spec = normalise(overrides[name], len(shape), name)
             out.append(StateLeaf(name, shape, leaf.dtype, spec, "override", None))
@@ -173,6 +213,10 @@ def _factored_spec(plan: ShardingPlan, param, dims, shape, zero):
     spec = PartitionSpec(*entries)
     if not zero or data_dim(spec, plan.data_axes) is not None:
         return spec, None
-    # The data axes sat on a dim this leaf drops: place them on a kept one.
-    spec, _, reason = plan.zero_spec(spec, shape)
+    # The data axes sat on a dim this leaf drops: place them on a kept one,
+    # never on a dim of the leaf's own (a history dim is indexed by step).
+    kept_shape = tuple(
+        1 if d is None and n > 1 else n for d, n in zip(dims, shape, strict=True)
+    )
+    spec, _, reason = plan.zero_spec(spec, kept_shape)
     return spec, reason
