@@ -35,12 +35,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """Free JAX's compiled executables whenever the next test is in another module.
+    """Free JAX's compiled executables whenever the next test shares none of them.
 
     Every executable XLA:CPU loads keeps memory maps; a worker that holds those
     of the whole suite (over a thousand steps compiled) passes the kernel's
     limit of 65530 maps, and the next compilation dies with a segfault. Tests
-    of one module share their compilations; modules do not.
+    of one module share their compilations, and in the conformance table only
+    the tests of one row do.
     """
-    if nextitem is None or nextitem.module is not item.module:
+    if nextitem is None or _sharing(nextitem) != _sharing(item):
         jax.clear_caches()
+
+
+def _sharing(item):
+    callspec = getattr(item, "callspec", None)
+    row = None
+    if item.module.__name__ == "test_conformance" and callspec is not None:
+        row = callspec.params.get("name")
+    return item.module.__name__, row
