@@ -9,6 +9,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._base import (
@@ -203,7 +204,9 @@ def _init_sharded(
     dynamic, static = eqx.partition(transform, eqx.is_array)
     init = jax.jit(lambda d, p: eqx.combine(d, static).init(p), out_shardings=shardings)
     state = init(dynamic, tp)
-    count = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=count_sharding)()
+    # from the host, like a hyperparameter: a jitted zeros would compile anew
+    # for every Optimizer built (a fresh lambda each time)
+    count = plan.replicate(np.zeros((), np.int32))
     return transform, state, count
 
 

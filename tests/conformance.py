@@ -11,6 +11,7 @@ declared here, nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pathlib
 from collections.abc import Callable
@@ -233,6 +234,23 @@ ROWS_BY_NAME = {row.name: row for row in ROWS}
 assert len(ROWS_BY_NAME) == len(ROWS), "two rows share a name"
 
 
+def _fresh(make):
+    """``make``'s arrays drawn once, then handed out as new device arrays.
+
+    Drawing with ``jax.random`` compiles; the tests call these hundreds of
+    times, with JAX's caches cleared between rows (see tests/conftest.py).
+    Fresh arrays each call: a test may donate what it was given.
+    """
+    drawn = functools.cache(lambda seed: jax.tree.map(np.asarray, make(seed)))
+
+    @functools.wraps(make)
+    def fresh(seed: int = 0) -> dict[str, jax.Array]:
+        return jax.tree.map(jnp.asarray, drawn(seed))
+
+    return fresh
+
+
+@_fresh
 def make_params(seed: int = 0) -> dict[str, jax.Array]:
     """A scalar, a vector, a matrix and a cube with odd sizes; float32 and bfloat16."""
     keys = jax.random.split(jax.random.key(seed), 5)
@@ -245,6 +263,7 @@ def make_params(seed: int = 0) -> dict[str, jax.Array]:
     }
 
 
+@_fresh
 def make_shardable_params(seed: int = 0) -> dict[str, jax.Array]:
     """The table's own tree: ``make_params``'s, with a dim of 8 or 16 in each
     array of 2+ dims (and odd dims beside them).
@@ -265,16 +284,26 @@ def make_shardable_params(seed: int = 0) -> dict[str, jax.Array]:
 
 
 def gradient(params, step):
-    """A gradient that depends on the parameters and on the step (noise)."""
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(42), step), 5)
-    noise = dict(zip(sorted(params), keys, strict=True))
+    """A gradient that depends on the parameters and on the step (noise).
 
-    def leaf(name):
-        p = params[name]
-        eps = jax.random.normal(noise[name], p.shape, jnp.float32)
+    The noise hashes the element's index, the leaf and the step with integer
+    arithmetic (a multiply-xorshift mix), so it is bitwise the same on every
+    layout of the leaf, and cheap to compile: ``jax.random`` in the step cost
+    over a second of XLA compile per step function, the table's largest cost.
+    """
+    step = jnp.asarray(step, jnp.uint32)
+
+    def leaf(salt, p):
+        index = jnp.arange(p.size, dtype=jnp.uint32).reshape(p.shape)
+        h = index * jnp.uint32(0x9E3779B1) + step * jnp.uint32(0x85EBCA77)
+        h = h + jnp.uint32(salt * 0xC2B2AE3D % 2**32)
+        h = (h ^ (h >> 15)) * jnp.uint32(0x2C1B3C6D)
+        h = (h ^ (h >> 12)) * jnp.uint32(0x297A2D39)
+        h = h ^ (h >> 15)
+        eps = (h >> 8).astype(jnp.float32) * (3.0 / 2**24) - 1.5  # [-1.5, 1.5)
         return (p.astype(jnp.float32) * 0.5 + eps).astype(p.dtype)
 
-    return {name: leaf(name) for name in params}
+    return {name: leaf(i, params[name]) for i, name in enumerate(sorted(params))}
 
 
 TRACES = {"ours_step": 0}

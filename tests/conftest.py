@@ -10,6 +10,10 @@ import jax
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_platforms", "cpu")
+# XLA's HLO passes (fusion, SPMD partitioning, collective combining) all still
+# run; only LLVM's code generation is left unoptimised. The suite's programs
+# are tiny, so compiling, not running, is what it spends its time on.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_sessionstart(session):
@@ -26,12 +30,18 @@ def pytest_collection_modifyitems(config, items):
     on one worker: they share that row's cached runs and compiled steps."""
     import pytest
 
+    rows = {}  # row name -> its position in the table (first seen)
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        if item.module.__name__ == "test_conformance" and callspec is not None:
-            name = callspec.params.get("name")
-            if name is not None:
-                item.add_marker(pytest.mark.xdist_group(name))
+        row = _sharing(item)[1]
+        if row is not None:
+            item.add_marker(pytest.mark.xdist_group(row))
+            rows.setdefault(row, len(rows))
+    # each row's tests one after another (stable: columns keep their order), so
+    # the caches are cleared once per row, not between every two tests
+    row_of = lambda item: rows.get(_sharing(item)[1], -1)
+    items.sort(
+        key=lambda item: (item.module.__name__ == "test_conformance", row_of(item))
+    )
 
 
 def pytest_runtest_teardown(item, nextitem):

@@ -250,7 +250,9 @@ def test_measurements_equal_optax():
             lib.scale(-3e-2),
         )
 
-    params = make_params()
+    # float32 only: optax's eager loop rounds a bfloat16 trace after every op,
+    # a jitted step once per fusion, so bfloat16 measurements differ by an ulp
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), make_params())
     grads = [gradient(params, i) for i in range(5)]
     want = optax_run(monitored(optax), params, grads)
     opt = shardopt.Optimizer(monitored(shardopt), params)
@@ -404,8 +406,8 @@ def test_skip_predicates_equal_optax():
 
 
 def test_skip_large_updates_drives_optax_multisteps():
-    skip = functools.partial(shardopt.skip_large_updates, max_squared_norm=200.0)
-    want_skip = functools.partial(optax.skip_large_updates, max_squared_norm=200.0)
+    skip = functools.partial(shardopt.skip_large_updates, max_squared_norm=180.0)
+    want_skip = functools.partial(optax.skip_large_updates, max_squared_norm=180.0)
     params = make_params()
     grads = [gradient(params, i) for i in range(6)]
 
