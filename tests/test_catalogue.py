@@ -1,4 +1,4 @@
-"""The README's catalogue is the generated one, and every entry has its row."""
+"""The catalogue page is the generated one, and every entry has its row."""
 
 from __future__ import annotations
 
@@ -22,14 +22,38 @@ def load_generator():
 CATALOGUE = load_generator()
 
 
-def test_readme_holds_the_generated_catalogue():
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index(CATALOGUE.START)
-    end = readme.index(CATALOGUE.END) + len(CATALOGUE.END)
-    assert readme[start:end] == CATALOGUE.markdown(), (
-        "README.md's catalogue is stale: run PYTHONPATH=. python "
+def test_the_catalogue_page_is_the_generated_one():
+    page = CATALOGUE.PAGE.read_text()
+    start = page.index(CATALOGUE.START)
+    end = page.index(CATALOGUE.END) + len(CATALOGUE.END)
+    assert page[start:end] == CATALOGUE.markdown(), (
+        "docs/catalogue.md is stale: run PYTHONPATH=. python "
         "scripts/catalogue.py --write"
     )
+
+
+def test_state_bytes_per_parameter_are_counted_from_shapes():
+    import jax.numpy as jnp
+
+    import shardopt
+
+    # Adam keeps two float32 moments a parameter, and two int32 counts
+    per = CATALOGUE.state_bytes_per_parameter(shardopt.adam(1e-3))
+    total = sum(__import__("math").prod(s) for s in CATALOGUE.BYTES_TREE.values())
+    assert per == (8 * total + 2 * 4) / total
+    half = CATALOGUE.state_bytes_per_parameter(
+        shardopt.adam(1e-3, mu_dtype=jnp.bfloat16)
+    )
+    assert half == (6 * total + 2 * 4) / total
+    assert CATALOGUE.state_bytes_per_parameter(shardopt.constant_schedule(1.0)) is None
+
+
+def test_low_precision_options_are_the_dtype_arguments():
+    import shardopt
+
+    assert CATALOGUE.low_precision(shardopt.adam) == ["mu_dtype"]
+    assert CATALOGUE.low_precision(shardopt.sgd) == ["accumulator_dtype"]
+    assert CATALOGUE.low_precision(shardopt.lion) == ["mu_dtype"]
 
 
 def test_every_entry_has_a_row_or_a_named_test():

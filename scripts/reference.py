@@ -1,0 +1,360 @@
+"""The API reference pages, generated from the package; also the site's mkdocs hook.
+
+Every public name of every public module of shardopt (``shardopt``,
+``shardopt.sharding``, ..., and any public module added later, found with
+``pkgutil``) is rendered once, by mkdocstrings, on the page of the module family
+it is defined in, in a section per defining module. The only hand-kept parts are
+``PAGES`` (page titles and order, and which module families each page holds)
+and ``SECTIONS`` (section titles and order where the module's name is not the
+title wanted). A module family that no page claims gets a page of its own, named
+after it, so new code is never left out of the reference.
+
+mkdocs runs this file as a hook (``hooks:`` in mkdocs.yml): ``on_config`` adds
+the reference pages to the navigation, ``on_files`` adds them (and the home
+page, made from README.md) as generated files. Nothing generated is committed.
+
+    PYTHONPATH=. python scripts/reference.py       # print the pages' Markdown
+
+tests/test_reference.py checks that every public name appears in these pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pathlib
+import pkgutil
+import re
+import sys
+import types
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import shardopt  # noqa: E402
+
+# page file -> (title, module families it holds, first paragraph), in nav order.
+# A family is a module prefix; the longest matching prefix wins.
+PAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "optimizer": (
+        "The Optimizer module",
+        (
+            "shardopt._optimizer",
+            "shardopt._base",
+            "shardopt._hyperparams",
+            "shardopt._interop",
+        ),
+        "The stateful optimizer, the transform protocol every entry follows, "
+        "schedules' base class and the optax bridge.",
+    ),
+    "optimizers": (
+        "Optimizers",
+        ("shardopt._alias",),
+        "The catalogue's constructors, by family. Each only composes "
+        "transforms (a `chain`); names and arguments are optax's.",
+    ),
+    "transforms": (
+        "Transformations",
+        ("shardopt._transforms",),
+        "The building blocks optimizers are chained from, by family.",
+    ),
+    "combinators": (
+        "Combinators and wrappers",
+        (
+            "shardopt._transforms._combinators",
+            "shardopt._transforms._partition",
+            "shardopt._transforms._conditional",
+            "shardopt._transforms._accumulation",
+            "shardopt._transforms._lookahead",
+            "shardopt._transforms._inject",
+            "shardopt._transforms._finite",
+            "shardopt._microbatch",
+        ),
+        "Transforms made of other transforms: chains, masks and partitions, "
+        "conditional and accumulated steps, lookahead, injected hyperparameters.",
+    ),
+    "schedules": (
+        "Schedules",
+        ("shardopt._schedules",),
+        "Schedules are Modules with their numbers as leaves: any hyperparameter "
+        "takes one, and changing it never recompiles.",
+    ),
+    "sharding": (
+        "Sharding plans and reports",
+        ("shardopt.sharding",),
+        "ZeRO plans, the explicit per-device collectives, memory reports and "
+        "collectives counted in compiled HLO.",
+    ),
+    "checkpoint": (
+        "Checkpointing",
+        ("shardopt.checkpoint",),
+        "Orbax checkpoints that restore onto any mesh, the optax migration "
+        "and the command line.",
+    ),
+    "distributed": (
+        "Multi-host",
+        ("shardopt.distributed",),
+        "Joining a multi-host job, checking that processes agree, and a "
+        "launcher for local processes.",
+    ),
+}
+# section titles (by defining module's name, without underscores) where the
+# module's own name is not the title wanted; sections not named keep it
+SECTIONS: dict[str, str] = {
+    "alias": "Optimizers",
+    "base": "Transforms: the protocol",
+    "hyperparams": "Schedules: the base class",
+    "interop": "optax inside shardopt",
+    "optimizer": "Optimizer",
+    "sgd": "SGD",
+    "rms": "RMS and Adagrad",
+    "adam": "Adam",
+    "dog": "DoG",
+    "sm3": "SM3",
+    "lbfgs": "L-BFGS",
+    "hlo": "Collectives in compiled HLO",
+    "plan": "Plans",
+    "memory": "Memory reports",
+    "grad": "The gradient path",
+    "specs": "Leaf layouts",
+    "state": "State layouts",
+    "cli": "Command line",
+    "multihost": "Start-up and agreement",
+    "launch": "Local processes",
+}
+# sections shown first on a page, in this order (the others follow by name)
+FIRST = ("optimizer", "sgd", "adam", "basic", "plan", "manager", "multihost")
+
+
+@dataclasses.dataclass(frozen=True)
+class Name:
+    """One public object: where users reach it, and where it is defined."""
+
+    path: str  # the path it is rendered under, e.g. "shardopt.zero"
+    also: tuple[str, ...]  # the other public paths of the same object
+    module: str  # its defining module, e.g. "shardopt.sharding._plan"
+    line: int  # where in that module (names are shown in source order)
+
+
+def public_modules() -> list[types.ModuleType]:
+    """shardopt and every public module under it (a public name at each level)."""
+    found = [shardopt]
+    for info in pkgutil.walk_packages(shardopt.__path__, "shardopt."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            found.append(importlib.import_module(info.name))
+    return found
+
+
+def public_names(module: types.ModuleType) -> list[str]:
+    """The names a user imports from ``module`` (not its submodules): its
+    ``__all__`` if it has one, else every public name except modules and what
+    it imported from outside shardopt (``Any``, ``jax.Array``, ...)."""
+    if hasattr(module, "__all__"):
+        return sorted(module.__all__)
+
+    def own(value: object) -> bool:
+        home = getattr(value, "__module__", None)
+        return not isinstance(home, str) or home.startswith("shardopt")
+
+    return sorted(
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and name != "annotations"
+        and not isinstance(value, types.ModuleType)
+        and own(value)
+    )
+
+
+def _defining_module(module: types.ModuleType, name: str, value: object) -> str:
+    home = getattr(value, "__module__", None)
+    if isinstance(home, str) and home.startswith("shardopt"):
+        return home
+    # constants (BUCKET_BYTES) and the like: read the re-export line
+    source = inspect.getsource(module)
+    found = re.search(rf"from (\.[\w.]*) import {name} as {name}\b", source)
+    if found is None:
+        return module.__name__
+    return importlib.util.resolve_name(found.group(1), module.__package__)
+
+
+def names() -> list[Name]:
+    """Every public object once: at its shortest public path, and its aliases."""
+    by_object: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    lines: dict[tuple[int, str], int] = {}
+    for module in public_modules():
+        for name in public_names(module):
+            value = getattr(module, name)
+            home = _defining_module(module, name, value)
+            # constants are not unique objects: key them by where they live
+            key = (id(value), name) if callable(value) else (0, f"{home}.{name}")
+            by_object.setdefault(key, []).append((f"{module.__name__}.{name}", home))
+            lines.setdefault(key, _line(value))
+    out = []
+    for key, paths in by_object.items():
+        ordered = sorted(p for p, _ in paths)
+        ordered.sort(key=lambda p: p.count("."))
+        out.append(Name(ordered[0], tuple(ordered[1:]), paths[0][1], lines[key]))
+    return sorted(out, key=lambda n: (n.module, n.line, n.path))
+
+
+def _line(value: object) -> int:
+    try:
+        return inspect.getsourcelines(value)[1]
+    except (TypeError, OSError):
+        return 0
+
+
+def _stem(module: str) -> str:
+    return module.rsplit(".", 1)[-1].strip("_")
+
+
+def page_of(module: str) -> str:
+    """The page a defining module's names go on: the longest claiming family,
+    or else a page named for the module's family (its first component under
+    shardopt), so that a new family is never left out."""
+    best, length = None, -1
+    for page, (_, families, _) in PAGES.items():
+        for family in families:
+            if (module == family or module.startswith(family + ".")) and len(
+                family
+            ) > length:
+                best, length = page, len(family)
+    if best is not None:
+        return best
+    parts = module.split(".")
+    return parts[1].strip("_") if len(parts) > 1 else "shardopt"
+
+
+def pages() -> dict[str, tuple[str, str]]:
+    """page file stem -> (title, Markdown), in navigation order."""
+    grouped: dict[str, dict[str, list[Name]]] = {}
+    for entry in names():
+        sections = grouped.setdefault(page_of(entry.module), {})
+        sections.setdefault(_stem(entry.module), []).append(entry)
+    order = [p for p in PAGES if p in grouped] + sorted(set(grouped) - set(PAGES))
+    out = {}
+    for page in order:
+        if page in PAGES:
+            title, _, intro = PAGES[page]
+        else:  # a family no page claims yet: its module's docstring says what
+            title = page.replace("_", " ").capitalize()
+            module = (
+                importlib.import_module(f"shardopt.{page}")
+                if _is_module(f"shardopt.{page}")
+                else None
+            )
+            intro = (inspect.getdoc(module) or "").split("\n")[0] if module else ""
+        lines = [f"# {title}", "", intro, ""]
+        sections = grouped[page]
+        first = [s for s in FIRST if s in sections]
+        for stem in first + sorted(set(sections) - set(first)):
+            lines += [
+                f"## {SECTIONS.get(stem, stem.replace('_', ' ').capitalize())}",
+                "",
+            ]
+            for entry in sections[stem]:
+                lines.append(f"::: {entry.path}")
+                if entry.also:
+                    also = ", ".join(f"`{p}`" for p in entry.also)
+                    lines += ["", f"Also importable as {also}."]
+                lines.append("")
+        out[page] = (title, "\n".join(lines))
+    return out
+
+
+def _is_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def home_page() -> str:
+    """README.md as the site's home page: links into docs/ made site-relative."""
+    text = (ROOT / "README.md").read_text()
+    return re.sub(r"\]\(docs/", "](", text)
+
+
+# ---- mkdocs hook -------------------------------------------------------------
+
+REFERENCE_DIR = "reference"
+
+
+def on_config(config, **kwargs):
+    """Put the generated reference pages under the "API reference" nav entry."""
+    entries = [
+        {title: f"{REFERENCE_DIR}/{page}.md"} for page, (title, _) in pages().items()
+    ]
+    for item in config["nav"]:
+        if isinstance(item, dict) and "API reference" in item:
+            item["API reference"] = entries
+            break
+    else:
+        config["nav"].append({"API reference": entries})
+    return config
+
+
+def on_files(files, config, **kwargs):
+    from mkdocs.structure.files import File
+
+    for page, (_, text) in pages().items():
+        files.append(File.generated(config, f"{REFERENCE_DIR}/{page}.md", content=text))
+    files.append(File.generated(config, "index.md", content=home_page()))
+    return files
+
+
+if __name__ == "__main__":
+    for page, (title, text) in pages().items():
+        print(f"<!-- {REFERENCE_DIR}/{page}.md: {title} -->\n{text}")
+
+
+# ---- griffe extension: Sphinx roles in docstrings become links ----------------
+
+try:
+    import griffe
+except ImportError:  # the docs extra is not installed: only the generator is used
+    griffe = None
+
+_ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|obj|exc):`~?([\w.]+)`")
+
+
+def _targets() -> dict[str, str]:
+    """Each rendered path, and each short form of it, -> the rendered path."""
+    out: dict[str, str] = {}
+    for entry in names():
+        for path in (entry.path, *entry.also):
+            out.setdefault(path, entry.path)
+            out.setdefault(path.rsplit(".", 1)[-1], entry.path)
+    return out
+
+
+def link_roles(text: str, targets: dict[str, str]) -> str:
+    """``:func:`~shardopt.chain``` -> a link to the reference's ``shardopt.chain``;
+    a name the reference does not render stays code."""
+
+    def one(match: re.Match) -> str:
+        name = match.group(1)
+        head, _, member = name.partition(".")
+        if name in targets:
+            target = targets[name]
+        elif head in targets and member and not name.startswith("shardopt"):
+            target = f"{targets[head]}.{member}"  # a method: Class.method
+        else:
+            return f"`{name}`"
+        return f"[`{name.rsplit('.', 1)[-1]}`][{target}]"
+
+    return _ROLE.sub(one, text)
+
+
+if griffe is not None:
+
+    class RstRoles(griffe.Extension):
+        """Rewrite Sphinx cross-reference roles into mkdocs-autorefs links."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.targets = _targets()
+
+        def on_instance(self, *, obj, **kwargs) -> None:
+            if obj.docstring is not None:
+                obj.docstring.value = link_roles(obj.docstring.value, self.targets)

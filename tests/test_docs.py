@@ -1,0 +1,79 @@
+"""Every example of the documentation runs: docs/*.md, README.md, docstrings.
+
+Each page's ```python blocks run in order, in one namespace, on the 8 simulated
+CPU devices of tests/conftest.py, in a fresh working directory, under JAX's
+standard dtype promotion (as users run them). A block that is deliberately not
+standalone (a fragment of a multi-process script, say) is preceded by the line
+``<!-- docs: not run: <why> -->``; the test checks that such a marker gives its
+reason. Docstring examples written as ``>>>`` sessions run as doctests.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import pathlib
+import re
+import sys
+
+import jax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+FENCE = re.compile(r"(<!-- docs: not run[^>]*-->\n)?```python\n(.*?)```", re.S)
+NOT_RUN = re.compile(r"<!-- docs: not run: \S.*-->")
+
+
+def blocks(page: pathlib.Path) -> list[tuple[str, bool]]:
+    """The page's python blocks, each with whether it runs."""
+    return [(code, not marker) for marker, code in FENCE.findall(page.read_text())]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_page_runs(page, tmp_path, monkeypatch):
+    found = blocks(page)
+    for marker in re.findall(r"<!-- docs: not run[^>]*-->", page.read_text()):
+        assert NOT_RUN.fullmatch(marker), f"{page.name}: say why: {marker}"
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
+    namespace: dict = {"__name__": "__docs__"}
+    try:
+        with jax.numpy_dtype_promotion("standard"):
+            for i, (code, runs) in enumerate(found):
+                if runs:
+                    exec(
+                        compile(code, f"{page.name}, python block {i + 1}", "exec"),
+                        namespace,
+                    )
+    finally:
+        jax.clear_caches()
+
+
+def _reference():
+    spec = importlib.util.spec_from_file_location(
+        "reference_script", ROOT / "scripts" / "reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def docstring_examples() -> list[doctest.DocTest]:
+    """The ``>>>`` examples in the docstrings of every public name."""
+    finder = doctest.DocTestFinder(recurse=True, exclude_empty=True)
+    found = []
+    for entry in _reference().names():
+        module_name, _, name = entry.path.rpartition(".")
+        obj = getattr(sys.modules[module_name], name)
+        if callable(obj):
+            found += [t for t in finder.find(obj, entry.path) if t.examples]
+    return found
+
+
+@pytest.mark.parametrize("example", docstring_examples(), ids=lambda t: t.name)
+def test_docstring_example_runs(example):
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    with jax.numpy_dtype_promotion("standard"):
+        result = runner.run(example)
+    assert result.failed == 0, f"{example.name}: {result.failed} examples failed"
