@@ -346,6 +346,70 @@ def link_roles(text: str, targets: dict[str, str]) -> str:
     return _ROLE.sub(one, text)
 
 
+_BORDER = re.compile(r"^( *)=+( +=+)+ *$")
+
+
+def _simple_tables(text: str) -> str:
+    """reStructuredText simple tables (``===  ===`` borders) -> Markdown tables."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        border = _BORDER.match(lines[i])
+        ends = [j for j in range(i + 1, len(lines)) if lines[j] == lines[i]]
+        if not border or len(ends) < 2:
+            out.append(lines[i])
+            i += 1
+            continue
+        spans = [m.span() for m in re.finditer(r"=+", lines[i])]
+
+        def cells(line, spans=spans):
+            starts = [a for a, _ in spans] + [len(line) + 1]
+            return [line[a : starts[k + 1]].strip() for k, a in enumerate(starts[:-1])]
+
+        header = cells(lines[i + 1])
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += [
+            "| " + " | ".join(cells(row)) + " |" for row in lines[ends[0] + 1 : ends[1]]
+        ]
+        i = ends[1] + 1
+    return "\n".join(out)
+
+
+def _literal_blocks(text: str) -> str:
+    """A paragraph ending in ``::`` and the indented block after it: a fenced
+    Python block (reStructuredText's literal block)."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        line = lines[i]
+        if not (line.rstrip().endswith("::") and i + 1 < len(lines)):
+            out.append(line)
+            i += 1
+            continue
+        out.append(line.rstrip()[:-1])  # "Example::" -> "Example:"
+        indent = len(line) - len(line.lstrip())
+        j, block = i + 1, []
+        while j < len(lines) and (
+            not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent
+        ):
+            block.append(lines[j])
+            j += 1
+        while block and not block[-1].strip():
+            block.pop()
+        while block and not block[0].strip():
+            block.pop(0)
+        body = [b for b in block if b.strip()]
+        cut = min(len(b) - len(b.lstrip()) for b in body) if body else 0
+        out += ["", " " * indent + "```python"]
+        out += [" " * indent + b[cut:] if b.strip() else "" for b in block]
+        out += [" " * indent + "```", ""]
+        i = j
+    return "\n".join(out)
+
+
+def markdown_from_rst(text: str, targets: dict[str, str]) -> str:
+    """The reStructuredText the docstrings use, as Markdown for mkdocstrings."""
+    return _literal_blocks(_simple_tables(link_roles(text, targets)))
+
+
 if griffe is not None:
 
     class RstRoles(griffe.Extension):
@@ -357,4 +421,6 @@ if griffe is not None:
 
         def on_instance(self, *, obj, **kwargs) -> None:
             if obj.docstring is not None:
-                obj.docstring.value = link_roles(obj.docstring.value, self.targets)
+                obj.docstring.value = markdown_from_rst(
+                    obj.docstring.value, self.targets
+                )

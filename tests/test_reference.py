@@ -83,3 +83,46 @@ def test_the_home_page_is_the_readme_with_site_links():
     home = REFERENCE.home_page()
     assert "](docs/" not in home
     assert "](catalogue.md)" in home
+
+
+def test_rst_tables_and_literal_blocks_become_markdown():
+    text = "\n".join(
+        [
+            "Rules:",
+            "",
+            "=====  =====",
+            "stage  state",
+            "=====  =====",
+            "0      L",
+            "1      Z",
+            "=====  =====",
+            "",
+            "Example::",
+            "",
+            "    plan = shardopt.zero(1, mesh)",
+            "    if plan:",
+            "        pass",
+            "",
+            "After.",
+        ]
+    )
+    assert REFERENCE.markdown_from_rst(text, {}) == "\n".join(
+        [
+            "Rules:",
+            "",
+            "| stage | state |",
+            "|---|---|",
+            "| 0 | L |",
+            "| 1 | Z |",
+            "",
+            "Example:",
+            "",
+            "```python",
+            "plan = shardopt.zero(1, mesh)",
+            "if plan:",
+            "    pass",
+            "```",
+            "",
+            "After.",
+        ]
+    )
