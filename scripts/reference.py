@@ -21,6 +21,7 @@ tests/test_reference.py checks that every public name appears in these pages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import pathlib
@@ -125,7 +126,17 @@ SECTIONS: dict[str, str] = {
     "launch": "Local processes",
 }
 # sections shown first on a page, in this order (the others follow by name)
-FIRST = ("optimizer", "sgd", "adam", "basic", "plan", "manager", "multihost")
+FIRST = (
+    "optimizer",
+    "sgd",
+    "adam",
+    "basic",
+    "combinators",
+    "partition",
+    "plan",
+    "manager",
+    "multihost",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +239,73 @@ def page_of(module: str) -> str:
     return parts[1].strip("_") if len(parts) > 1 else "shardopt"
 
 
+def _row_sources() -> dict[str, str]:
+    """Each conformance row's ``ours``, as written in its ``Row(...)`` call, with
+    a comment giving each helper it names (a constant's value, a function's
+    docstring line) from the module that defines the row."""
+    import ast
+
+    found = {}
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        text = path.read_text()
+        if "Row(" not in text:
+            continue
+        module = None
+        for node in ast.walk(ast.parse(text)):
+            if not (
+                isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Row"
+            ):
+                continue
+            args = list(node.args) + [k.value for k in node.keywords if k.arg == "ours"]
+            if not (len(args) >= 2 and isinstance(args[0], ast.Constant)):
+                continue
+            if not isinstance(args[1], ast.Lambda):
+                continue
+            body = args[1].body
+            lines = [ast.unparse(body)]
+            module = module or importlib.import_module(path.stem)
+            helpers = sorted(
+                {n.id for n in ast.walk(body) if isinstance(n, ast.Name)}
+                - {"shardopt", "optax", "jax", "jnp", "np"}
+            )
+            for helper in helpers:
+                value = getattr(module, helper, None)
+                if isinstance(value, int | float):
+                    lines.append(f"# {helper} = {value!r}")
+                elif callable(value) and inspect.getdoc(value):
+                    lines.append(f"# {helper}: {inspect.getdoc(value).splitlines()[0]}")
+            found[args[0].value] = "\n".join(lines)
+    return found
+
+
+@functools.cache
+def examples() -> dict[str, tuple[str, str]]:
+    """For each catalogue entry, the shortest conformance row that builds it:
+    ``{name: (row, its construction as written)}``. These run in the
+    conformance tests, against optax, every test run."""
+    import importlib.util as util
+
+    spec = util.spec_from_file_location(
+        "catalogue_script", ROOT / "scripts" / "catalogue.py"
+    )
+    catalogue = util.module_from_spec(spec)
+    sys.modules[spec.name] = catalogue
+    spec.loader.exec_module(catalogue)
+    sources = _row_sources()
+    out = {}
+    for name, rows in catalogue.rows_by_entry(catalogue.entries()).items():
+        written = [
+            (len(sources[r].split("\n")[0]), r)
+            for r in rows
+            if f"shardopt.{name}(" in sources.get(r, "")  # it shows the entry
+        ]
+        if written:
+            row = min(written)[1]
+            out[name] = (row, sources[row])
+    return out
+
+
+@functools.cache
 def pages() -> dict[str, tuple[str, str]]:
     """page file stem -> (title, Markdown), in navigation order."""
     grouped: dict[str, dict[str, list[Name]]] = {}
@@ -235,6 +313,7 @@ def pages() -> dict[str, tuple[str, str]]:
         sections = grouped.setdefault(page_of(entry.module), {})
         sections.setdefault(_stem(entry.module), []).append(entry)
     order = [p for p in PAGES if p in grouped] + sorted(set(grouped) - set(PAGES))
+    tested = examples()
     out = {}
     for page in order:
         if page in PAGES:
@@ -257,6 +336,18 @@ def pages() -> dict[str, tuple[str, str]]:
             ]
             for entry in sections[stem]:
                 lines.append(f"::: {entry.path}")
+                name = entry.path.removeprefix("shardopt.")
+                if name in tested:
+                    row, source = tested[name]
+                    lines += [
+                        "",
+                        f"Example (the conformance row `{row}`, run against optax "
+                        "by every test run):",
+                        "",
+                        "```python",
+                        source,
+                        "```",
+                    ]
                 if entry.also:
                     also = ", ".join(f"`{p}`" for p in entry.also)
                     lines += ["", f"Also importable as {also}."]
