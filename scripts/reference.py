@@ -363,7 +363,10 @@ def _is_module(name: str) -> bool:
 def home_page() -> str:
     """README.md as the site's home page: links into docs/ made site-relative."""
     text = (ROOT / "README.md").read_text()
-    return re.sub(r"\]\(docs/", "](", text)
+    # its comparison table is wide: the page hides the side bars
+    return "---\nhide:\n  - navigation\n  - toc\n---\n\n" + re.sub(
+        r"\]\(docs/", "](", text
+    )
 
 
 # ---- mkdocs hook -------------------------------------------------------------
