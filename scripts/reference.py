@@ -82,6 +82,11 @@ PAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Schedules are Modules with their numbers as leaves: any hyperparameter "
         "takes one, and changing it never recompiles.",
     ),
+    "contrib": (
+        "optax.contrib",
+        ("shardopt._contrib",),
+        "Entries of optax.contrib, under optax's names.",
+    ),
     "sharding": (
         "Sharding plans and reports",
         ("shardopt.sharding",),
@@ -99,6 +104,11 @@ PAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("shardopt.distributed",),
         "Joining a multi-host job, checking that processes agree, and a "
         "launcher for local processes.",
+    ),
+    "flax": (
+        "Flax integrations",
+        ("shardopt.nnx", "shardopt.linen", "shardopt.flax"),
+        "shardopt optimizers in Flax NNX and linen training code.",
     ),
 }
 # section titles (by defining module's name, without underscores) where the
@@ -124,6 +134,8 @@ SECTIONS: dict[str, str] = {
     "cli": "Command line",
     "multihost": "Start-up and agreement",
     "launch": "Local processes",
+    "nnx": "Flax NNX",
+    "linen": "Flax linen",
 }
 # sections shown first on a page, in this order (the others follow by name)
 FIRST = (
