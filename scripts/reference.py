@@ -400,6 +400,35 @@ def on_config(config, **kwargs):
     return config
 
 
+_CODE_PATH = re.compile(r"(?<![\[`])(?<!`` )`(shardopt(?:\.\w+)+)(\([^`]*\))?`(?!\])")
+
+
+def link_code(markdown: str, targets: dict[str, str]) -> str:
+    """In a guide, inline code naming a public object (``shardopt.zero(...)``)
+    becomes a link to its reference; code blocks and headings stay as they are."""
+
+    def one(match: re.Match) -> str:
+        path = match.group(1)
+        target = targets.get(path)
+        if target is None or not path.count("."):
+            return match.group(0)
+        return f"[{match.group(0)}][{target}]"
+
+    parts = re.split(r"(^```.*?^```)", markdown, flags=re.S | re.M)
+    for i in range(0, len(parts), 2):  # the even parts are outside fences
+        parts[i] = "\n".join(
+            line if line.startswith("#") else _CODE_PATH.sub(one, line)
+            for line in parts[i].split("\n")
+        )
+    return "".join(parts)
+
+
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    if page.file.src_uri.startswith(REFERENCE_DIR + "/"):
+        return markdown
+    return link_code(markdown, {k: v for k, v in _targets().items() if "." in k})
+
+
 def on_files(files, config, **kwargs):
     from mkdocs.structure.files import File
 
@@ -424,6 +453,7 @@ except ImportError:  # the docs extra is not installed: only the generator is us
 _ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|obj|exc):`~?([\w.]+)`")
 
 
+@functools.cache
 def _targets() -> dict[str, str]:
     """Each rendered path, and each short form of it, -> the rendered path."""
     out: dict[str, str] = {}

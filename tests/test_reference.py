@@ -129,3 +129,30 @@ def test_rst_tables_and_literal_blocks_become_markdown():
             "After.",
         ]
     )
+
+
+def test_guides_link_inline_code_that_names_a_public_object():
+    targets = {k: v for k, v in REFERENCE._targets().items() if "." in k}
+    text = "\n".join(
+        [
+            "# About `shardopt.zero`",
+            "Use `shardopt.zero(1, mesh)` or `shardopt.sharding.FactoredState`,",
+            "not `shardopt.nothing`; [`shardopt.zero`](zero.md) is a link already.",
+            "Inside code: `` `shardopt.zero` ``.",
+            "```python",
+            "`shardopt.zero`",
+            "```",
+        ]
+    )
+    assert REFERENCE.link_code(text, targets) == "\n".join(
+        [
+            "# About `shardopt.zero`",
+            "Use [`shardopt.zero(1, mesh)`][shardopt.zero] or "
+            "[`shardopt.sharding.FactoredState`][shardopt.FactoredState],",
+            "not `shardopt.nothing`; [`shardopt.zero`](zero.md) is a link already.",
+            "Inside code: `` `shardopt.zero` ``.",
+            "```python",
+            "`shardopt.zero`",
+            "```",
+        ]
+    )
