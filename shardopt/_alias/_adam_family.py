@@ -28,12 +28,22 @@ def nadam(
     mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = True,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Nadam: Adam with Nesterov momentum (``adam(..., nesterov=True)``).
 
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR Workshop 2016.
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+    return adam(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nesterov=nesterov,
+        nu_dtype=nu_dtype,
+    )
 
 
 def nadamw(
@@ -47,6 +57,7 @@ def nadamw(
     mask: Mask = None,
     *,
     nesterov: bool = True,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """NadamW: Nadam with decoupled weight decay (``adamw(..., nesterov=True)``).
 
@@ -63,6 +74,7 @@ def nadamw(
         weight_decay,
         mask,
         nesterov=nesterov,
+        nu_dtype=nu_dtype,
     )
 
 

@@ -363,7 +363,7 @@ def scale_by_amsgrad(
         b2,
         eps,
         eps_root,
-        canonical_dtype(mu_dtype),
+        canonical_dtype(mu_dtype, "mu_dtype"),
         bias_correction_mu,
         bias_correction_nu,
     )
