@@ -1,6 +1,7 @@
 """Parameter groups by path (Equinox, NNX state, plain dicts) and moment dtypes."""
 
 import functools
+import pathlib
 import re
 
 import equinox as eqx
@@ -245,6 +246,12 @@ def test_reset_one_group_keeps_the_others():
     # the functional form on the transform's own state gives the same
     fresh = recipe().reset(opt.state, "head", eqx.filter(params, eqx.is_inexact_array))
     assert_equal(fresh, reset.state)
+    # no two leaves share a buffer, so the optimizer can be donated
+    donated = eqx.filter_jit(donate="all")(lambda p, o, g: o.step(p, g))
+    grads = grads_for(params, 0.0)
+    donated(params, reset, grads)
+    params, opt = run(recipe(), model)
+    reset = opt.reset_group("head", params)
     # the reset optimizer steps on with the same compiled step
     before = TRACES["train_step"]
     train_step(params, reset, jnp.float32(3))
@@ -520,3 +527,22 @@ def test_memory_report_shows_the_bfloat16_nu_saving():
         shardopt.adam(1e-3, nu_dtype=jnp.bfloat16), plan.shard_params(params), plan=plan
     )
     assert measure_memory(mesh, opt=opt).totals()["state"] == half.totals()["state"]
+
+
+# ---------------------------------------------------------------- the docs page
+
+
+def test_docs_page_runs_and_prints_what_it_shows(capsys):
+    """Every ```python block of docs/groups.md runs (in order, one namespace),
+    and every ```text block is what the blocks before it printed."""
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "groups.md").read_text()
+    blocks = re.findall(r"```(python|text)\n(.*?)```", page, re.S)
+    namespace: dict = {}
+    printed = ""
+    for kind, body in blocks:
+        if kind == "python":
+            exec(compile(body, "docs/groups.md", "exec"), namespace)
+            printed += capsys.readouterr().out
+        else:
+            assert body in printed, body
+            printed = ""

@@ -13,6 +13,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._base import AbstractTransform, Params, Updates
@@ -206,6 +207,15 @@ class ParamGroups(AbstractTransform):
         return "\n".join(lines)
 
 
+def _own_arrays(transform: AbstractTransform) -> AbstractTransform:
+    """``transform`` with its array leaves copied: a group made from the default
+    (or given the same transform object as another group) must not share a
+    buffer with it, or donating the optimizer would donate that buffer twice."""
+    return jax.tree.map(
+        lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, transform
+    )
+
+
 def _hyperparameter_names(transform: AbstractTransform) -> list[str]:
     return sorted(
         {n for t in transforms_in(transform) for n in hyperparameter_fields(t)}
@@ -273,7 +283,7 @@ def param_groups(default: Any, /, **groups: Group) -> ParamGroups:
         names.append(name)
         patterns.append(spec.patterns)
         descriptions.append(description)
-        transforms.append(transform)
+        transforms.append(_own_arrays(transform))
     names.append(DEFAULT)
     patterns.append(())
     descriptions.append(f"the default ({_describe(default)})")
