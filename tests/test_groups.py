@@ -438,6 +438,11 @@ def test_reset_of_an_unknown_group_names_the_groups():
             "mu_dtype",
         ),
         (lambda d: shardopt.adagrad(1e-3, accumulator_dtype=d), "accumulator_dtype"),
+        (lambda d: shardopt.amsgrad(1e-3, nu_dtype=d), "nu_dtype"),
+        (lambda d: shardopt.adabelief(1e-3, nu_dtype=d), "nu_dtype"),
+        (lambda d: shardopt.yogi(1e-3, nu_dtype=d), "nu_dtype"),
+        (lambda d: shardopt.radam(1e-3, nu_dtype=d), "nu_dtype"),
+        (lambda d: shardopt.adamax(1e-3, nu_dtype=d), "nu_dtype"),
     ],
 )
 @pytest.mark.parametrize("dtype", [jnp.int32, "int8", bool, "bfloat17"])
@@ -453,53 +458,92 @@ def test_rmsprop_dtypes_need_the_state_they_name():
         shardopt.rmsprop(1e-3, accumulator_dtype=jnp.bfloat16)
 
 
+BF16 = jnp.bfloat16
 NARROW = [
     # (the narrow optimizer, the same in float32, the state fields stored narrow)
     (
-        lambda: shardopt.adam(1e-2, nu_dtype=jnp.bfloat16),
+        lambda: shardopt.adam(1e-2, nu_dtype=BF16),
         lambda: shardopt.adam(1e-2),
         lambda s: [s[0].nu],
     ),
     (
         lambda: shardopt.rmsprop(
-            1e-2,
-            centered=True,
-            momentum=0.9,
-            mu_dtype=jnp.bfloat16,
-            nu_dtype=jnp.float16,
-            accumulator_dtype=jnp.bfloat16,
+            1e-2, centered=True, mu_dtype=BF16, nu_dtype=jnp.float16
         ),
-        lambda: shardopt.rmsprop(1e-2, centered=True, momentum=0.9),
-        lambda s: [s[0].mu, s[0].nu, s[2].trace],
+        lambda: shardopt.rmsprop(1e-2, centered=True),
+        lambda s: [s[0].mu, s[0].nu],
     ),
     (
-        lambda: shardopt.adagrad(1e-2, 0.125, accumulator_dtype=jnp.bfloat16),
+        lambda: shardopt.rmsprop(1e-2, nu_dtype=BF16),
+        lambda: shardopt.rmsprop(1e-2),
+        lambda s: [s[0].nu],
+    ),
+    (
+        lambda: shardopt.adagrad(1e-2, 0.125, accumulator_dtype=BF16),
         lambda: shardopt.adagrad(1e-2, 0.125),
         lambda s: [s[0].sum_of_squares],
     ),
+    (
+        lambda: shardopt.amsgrad(1e-2, nu_dtype=BF16),
+        lambda: shardopt.amsgrad(1e-2),
+        lambda s: [s[0].nu, s[0].nu_max],
+    ),
+    (
+        lambda: shardopt.adabelief(1e-2, nu_dtype=BF16),
+        lambda: shardopt.adabelief(1e-2),
+        lambda s: [s[0].nu],
+    ),
+    (
+        lambda: shardopt.scale_by_yogi(
+            initial_accumulator_value=2.0**-20, nu_dtype=BF16
+        ),
+        lambda: shardopt.scale_by_yogi(initial_accumulator_value=2.0**-20),
+        lambda s: [s.nu],
+    ),
+    (
+        lambda: shardopt.radam(1e-2, nu_dtype=BF16),
+        lambda: shardopt.radam(1e-2),
+        lambda s: [s[0].nu],
+    ),
+    (
+        lambda: shardopt.adamaxw(1e-2, nu_dtype=BF16),
+        lambda: shardopt.adamaxw(1e-2),
+        lambda s: [s[0].nu],
+    ),
 ]
+
+
+def _as_float32(state):
+    narrow = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32) if x.dtype in narrow else x, state
+    )
 
 
 @pytest.mark.parametrize("narrow, wide, fields", NARROW)
 def test_moments_computed_in_float32_and_stored_rounded(narrow, wide, fields):
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
-    grads = {"w": jnp.linspace(0.3, -2.1, 12).reshape(3, 4)}
     tx_narrow, tx_wide = narrow(), wide()
-    s_narrow, s_wide = tx_narrow.init(params), tx_wide.init(params)
-    for got, want in zip(fields(s_narrow), fields(s_wide), strict=True):
+    state = tx_narrow.init(params)
+    for got, want in zip(fields(state), fields(tx_wide.init(params)), strict=True):
         assert got["w"].dtype != want["w"].dtype
         np.testing.assert_array_equal(got["w"].astype(jnp.float32), want["w"])
-    # the first step from equal (exactly representable) state: the same update,
-    # and the state is the float32 state rounded once
-    u_narrow, s_narrow = tx_narrow.update(grads, s_narrow, params)
-    u_wide, s_wide = tx_wide.update(grads, s_wide, params)
-    np.testing.assert_array_equal(u_narrow["w"], u_wide["w"])
-    for got, want in zip(fields(s_narrow), fields(s_wide), strict=True):
-        np.testing.assert_array_equal(got["w"], want["w"].astype(got["w"].dtype))
-    # and stays narrow
-    _, s_next = tx_narrow.update(grads, s_narrow, params)
-    for got, before in zip(fields(s_next), fields(s_narrow), strict=True):
-        assert got["w"].dtype == before["w"].dtype
+    for step in range(3):
+        grads = {"w": jnp.linspace(0.3, -2.1, 12).reshape(3, 4) * (step + 1)}
+        # float32 arithmetic from the stored values: the same update as the
+        # float32 optimizer given the stored state widened, and the new state
+        # is that optimizer's new state rounded once
+        u_narrow, new = tx_narrow.update(grads, state, params)
+        u_wide, want = tx_wide.update(grads, _as_float32(state), params)
+        np.testing.assert_array_equal(u_narrow["w"], u_wide["w"])
+        for got, wide_field in zip(fields(new), fields(want), strict=True):
+            np.testing.assert_array_equal(
+                got["w"], wide_field["w"].astype(got["w"].dtype)
+            )
+        assert jax.tree.map(lambda x: x.dtype, new) == jax.tree.map(
+            lambda x: x.dtype, state
+        )
+        state = new
 
 
 def test_memory_report_shows_the_bfloat16_nu_saving():
