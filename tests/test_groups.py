@@ -324,6 +324,11 @@ def test_zero_stages_match_unsharded(stage):
     mu = opt.state.inner_states["hidden"].inner_state[0].mu.blocks[0].attn.weight
     spec = mu.sharding.spec
     assert ("data" in str(spec)) == (stage >= 1), spec
+    # a reset group's new state is placed by the plan like the old one
+    reset = opt.reset_group("hidden", got)
+    new_leaves, old_leaves = jax.tree.leaves(reset.state), jax.tree.leaves(opt.state)
+    for new, old in zip(new_leaves, old_leaves, strict=True):
+        assert new.sharding.is_equivalent_to(old.sharding, old.ndim)
 
 
 def test_checkpoint_round_trip(tmp_path):
