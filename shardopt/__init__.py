@@ -109,6 +109,12 @@ from ._transforms._finite import apply_if_finite as apply_if_finite
 from ._transforms._finite import skip_large_updates as skip_large_updates
 from ._transforms._finite import skip_not_finite as skip_not_finite
 from ._transforms._finite import zero_nans as zero_nans
+from ._transforms._groups import Group as Group
+from ._transforms._groups import GroupsState as GroupsState
+from ._transforms._groups import ParamGroups as ParamGroups
+from ._transforms._groups import group as group
+from ._transforms._groups import group_table as group_table
+from ._transforms._groups import param_groups as param_groups
 from ._transforms._inject import InjectHyperparamsState as InjectHyperparamsState
 from ._transforms._inject import inject_hyperparams as inject_hyperparams
 from ._transforms._lbfgs import ScaleByLBFGSState as ScaleByLBFGSState
@@ -135,6 +141,7 @@ from ._transforms._partition import named_chain as named_chain
 from ._transforms._partition import partition as partition
 from ._transforms._partition import selective_transform as selective_transform
 from ._transforms._partition import set_to_zero as set_to_zero
+from ._transforms._paths import PathPattern as PathPattern
 from ._transforms._per_example import (
     per_example_global_norm_clip as per_example_global_norm_clip,
 )

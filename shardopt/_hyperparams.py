@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
+from ._base import AbstractTransform
+
 
 class AbstractSchedule(eqx.Module):
     """A function of the step count whose own numbers are array leaves.
@@ -132,3 +134,42 @@ def resolve(value: Hyperparameter, count: Array, *, name: str) -> Array:
 def cast_like(scalar: Array, leaf: Array) -> Array:
     """``scalar`` in ``leaf``'s dtype, as optax's weakly typed Python floats behave."""
     return scalar.astype(leaf.dtype)
+
+
+def transforms_in(node: Any) -> list[AbstractTransform]:
+    """Every transform Module inside ``node`` (through tuples and fields)."""
+    if isinstance(node, (tuple, list)):
+        return [t for child in node for t in transforms_in(child)]
+    if not isinstance(node, AbstractTransform):
+        return []
+    found = [node]
+    for field in dataclasses.fields(node):
+        found += transforms_in(getattr(node, field.name))
+    return found
+
+
+def replace_hyperparameter(node: Any, name: str, value: Any) -> tuple[Any, int]:
+    """``node`` with every transform's hyperparameter ``name`` set; and how many."""
+    if isinstance(node, (tuple, list)):
+        pairs = [replace_hyperparameter(child, name, value) for child in node]
+        return type(node)(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if not isinstance(node, AbstractTransform):
+        return node, 0
+    replaced = 0
+    fields = hyperparameter_fields(node)
+    for field in dataclasses.fields(node):
+        if field.name == name and name in fields:
+            new = as_hyperparameter(value, name=name, **fields[name])
+            replaced += 1
+        else:
+            new, count = replace_hyperparameter(getattr(node, field.name), name, value)
+            if not count:
+                continue
+            replaced += count
+        node = eqx.tree_at(
+            lambda m, f=field.name: getattr(m, f),
+            node,
+            new,
+            is_leaf=lambda x: x is None,
+        )
+    return node, replaced

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -20,8 +19,13 @@ from ._base import (
     safe_increment,
     update_with_extra_args,
 )
-from ._hyperparams import as_hyperparameter, hyperparameter_fields
+from ._hyperparams import (
+    hyperparameter_fields,
+    replace_hyperparameter,
+    transforms_in,
+)
 from ._interop import as_transform
+from ._transforms._groups import GroupsState, find_groups
 from ._tree import check_grads_match, is_trainable, trainable
 from .sharding._plan import ShardingPlan
 
@@ -131,7 +135,7 @@ class Optimizer(eqx.Module):
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter of the transform by name (a value or a schedule)."""
         found: dict[str, Any] = {}
-        for module in _transforms_in(self.transform):
+        for module in transforms_in(self.transform):
             for name in hyperparameter_fields(module):
                 found.setdefault(name, getattr(module, name))
         return found
@@ -145,7 +149,7 @@ class Optimizer(eqx.Module):
         """
         transform = self.transform
         for name, value in values.items():
-            transform, replaced = _replace_hyperparameter(transform, name, value)
+            transform, replaced = replace_hyperparameter(transform, name, value)
             if not replaced:
                 raise ValueError(
                     f"no hyperparameter named {name!r}; this optimizer has: "
@@ -154,6 +158,36 @@ class Optimizer(eqx.Module):
         if self.plan is not None:
             transform = self.plan.replicate(transform)
         return eqx.tree_at(lambda o: o.transform, self, transform)
+
+    def reset_group(self, name: str, params: Params) -> Optimizer:
+        """A copy with parameter group ``name``'s state made afresh (zero moments
+        and count), every other group's moments and counts kept (optax#1371).
+
+        The transform must contain one :func:`~shardopt.param_groups`;
+        ``params`` gives the shapes. With a plan, the new state keeps the
+        plan's layout.
+        """
+        groups = find_groups(self.transform)
+        nodes = [
+            node
+            for node in jax.tree.leaves(
+                self.state, is_leaf=lambda x: isinstance(x, GroupsState)
+            )
+            if isinstance(node, GroupsState)
+        ]
+        if len(nodes) != 1:
+            raise ValueError(
+                f"expected one param_groups state in the optimizer, found {len(nodes)}"
+            )
+        tp = trainable(params)
+        fresh = groups.reset(nodes[0], name, tp)
+        is_node = lambda x: x is nodes[0]
+        state = jax.tree.map(
+            lambda x: fresh if is_node(x) else x, self.state, is_leaf=is_node
+        )
+        if self.plan is not None:
+            state = self.plan.constrain(state, self.plan.state_shardings(state, tp))
+        return eqx.tree_at(lambda o: o.state, self, state)
 
 
 def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:
@@ -215,42 +249,3 @@ def _constrain_trainable(plan: ShardingPlan, params: Params, shardings) -> Param
         return x if s is None else plan.constrain(x, s)
 
     return jax.tree.map(one, params, shardings, is_leaf=lambda x: x is None)
-
-
-def _transforms_in(node: Any) -> list[AbstractTransform]:
-    """Every transform Module inside ``node`` (through tuples and fields)."""
-    if isinstance(node, (tuple, list)):
-        return [t for child in node for t in _transforms_in(child)]
-    if not isinstance(node, AbstractTransform):
-        return []
-    found = [node]
-    for field in dataclasses.fields(node):
-        found += _transforms_in(getattr(node, field.name))
-    return found
-
-
-def _replace_hyperparameter(node: Any, name: str, value: Any) -> tuple[Any, int]:
-    """``node`` with every transform's hyperparameter ``name`` set; and how many."""
-    if isinstance(node, (tuple, list)):
-        pairs = [_replace_hyperparameter(child, name, value) for child in node]
-        return type(node)(p[0] for p in pairs), sum(p[1] for p in pairs)
-    if not isinstance(node, AbstractTransform):
-        return node, 0
-    replaced = 0
-    fields = hyperparameter_fields(node)
-    for field in dataclasses.fields(node):
-        if field.name == name and name in fields:
-            new = as_hyperparameter(value, name=name, **fields[name])
-            replaced += 1
-        else:
-            new, count = _replace_hyperparameter(getattr(node, field.name), name, value)
-            if not count:
-                continue
-            replaced += count
-        node = eqx.tree_at(
-            lambda m, f=field.name: getattr(m, f),
-            node,
-            new,
-            is_leaf=lambda x: x is None,
-        )
-    return node, replaced

@@ -47,14 +47,22 @@ def zeros_like(tree: PyTree, dtype: jnp.dtype | None = None) -> PyTree:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
 
 
-def full_like(tree: PyTree, value: Array) -> PyTree:
-    """``value`` (cast to each leaf's dtype) shaped like each leaf."""
-    return jax.tree.map(lambda x: jnp.full(x.shape, value.astype(x.dtype)), tree)
+def full_like(tree: PyTree, value: Array, dtype: jnp.dtype | None = None) -> PyTree:
+    """``value`` shaped like each leaf, in ``dtype`` (by default the leaf's)."""
+    return jax.tree.map(
+        lambda x: jnp.full(x.shape, value.astype(dtype or x.dtype)), tree
+    )
 
 
 def cast(tree: PyTree, dtype: jnp.dtype | None) -> PyTree:
     """Every leaf cast to ``dtype``; unchanged when ``dtype`` is None."""
     return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def widened(tree: PyTree, dtype: jnp.dtype | None) -> PyTree:
+    """``tree`` with every leaf in at least float32 when a storage ``dtype`` is
+    given (see :func:`widen`); unchanged when ``dtype`` is None."""
+    return tree if dtype is None else jax.tree.map(widen, tree)
 
 
 def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
@@ -73,6 +81,33 @@ def global_norm(tree: PyTree) -> Array:
     return jnp.sqrt(total)
 
 
-def canonical_dtype(dtype: jnp.dtype | str | None) -> jnp.dtype | None:
-    """``dtype`` as a NumPy dtype (honouring x64 settings), or None."""
-    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+def canonical_dtype(
+    dtype: jnp.dtype | str | None, name: str = "dtype"
+) -> jnp.dtype | None:
+    """``dtype`` as a NumPy dtype (honouring x64 settings), or None.
+
+    State is stored in it, so it must be floating (or complex): anything else
+    is an error naming the argument ``name``.
+    """
+    if dtype is None:
+        return None
+    try:
+        canonical = jax.dtypes.canonicalize_dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from err
+    if not jnp.issubdtype(canonical, jnp.inexact):
+        raise TypeError(
+            f"{name} must be a floating dtype (e.g. jnp.bfloat16 or jnp.float32), "
+            f"got {canonical.name}: moments and accumulators hold fractions"
+        )
+    return canonical
+
+
+def widen(x: Array) -> Array:
+    """``x`` in at least float32, for arithmetic on a moment stored narrower.
+
+    bfloat16 and float16 moments are computed in float32 and rounded once
+    when stored; float32 and float64 pass through.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))

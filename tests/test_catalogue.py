@@ -51,7 +51,7 @@ def test_state_bytes_per_parameter_are_counted_from_shapes():
 def test_low_precision_options_are_the_dtype_arguments():
     import shardopt
 
-    assert CATALOGUE.low_precision(shardopt.adam) == ["mu_dtype"]
+    assert CATALOGUE.low_precision(shardopt.adam) == ["mu_dtype", "nu_dtype"]
     assert CATALOGUE.low_precision(shardopt.sgd) == ["accumulator_dtype"]
     assert CATALOGUE.low_precision(shardopt.lion) == ["mu_dtype"]
 

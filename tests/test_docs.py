@@ -5,7 +5,9 @@ CPU devices of tests/conftest.py, in a fresh working directory, under JAX's
 standard dtype promotion (as users run them). A block that is deliberately not
 standalone (a fragment of a multi-process script, say) is preceded by the line
 ``<!-- docs: not run: <why> -->``; the test checks that such a marker gives its
-reason. Docstring examples written as ``>>>`` sessions run as doctests.
+reason. A ```text block shows what the python blocks since the previous
+``text`` block printed, and is checked to be part of it. Docstring examples
+written as ``>>>`` sessions run as doctests.
 """
 
 from __future__ import annotations
@@ -16,34 +18,47 @@ import pathlib
 import re
 import sys
 import textwrap
+import types
 
 import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
-FENCE = re.compile(r"(<!-- docs: not run[^>]*-->\n)?```python\n(.*?)```", re.S)
+FENCE = re.compile(r"(<!-- docs: not run[^>]*-->\n)?```(python|text)\n(.*?)```", re.S)
 NOT_RUN = re.compile(r"<!-- docs: not run: \S.*-->")
 
 
-def blocks(page: pathlib.Path) -> list[tuple[str, bool]]:
-    """The page's python blocks, each with whether it runs."""
-    return [(code, not marker) for marker, code in FENCE.findall(page.read_text())]
+def blocks(page: pathlib.Path) -> list[tuple[str, str, bool]]:
+    """The page's python and text blocks: (kind, body, whether it runs)."""
+    return [
+        (kind, body, not marker)
+        for marker, kind, body in FENCE.findall(page.read_text())
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_page_runs(page, tmp_path, monkeypatch):
+def test_page_runs(page, tmp_path, monkeypatch, capsys):
     found = blocks(page)
     for marker in re.findall(r"<!-- docs: not run[^>]*-->", page.read_text()):
         assert NOT_RUN.fullmatch(marker), f"{page.name}: say why: {marker}"
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
-    namespace: dict = {"__name__": "__docs__"}
+    # the page runs as a module of its own, so that the classes it defines
+    # (dataclasses, Equinox modules) can find their module
+    module = types.ModuleType("__docs__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = vars(module)
+    printed = ""
     try:
         with jax.numpy_dtype_promotion("standard"):
-            for i, (code, runs) in enumerate(found):
-                if runs:
+            for i, (kind, body, runs) in enumerate(found):
+                if kind == "text":  # what the blocks before it printed
+                    printed += capsys.readouterr().out
+                    assert body in printed, f"{page.name}, block {i + 1}: {body}"
+                    printed = ""
+                elif runs:
                     exec(
-                        compile(code, f"{page.name}, python block {i + 1}", "exec"),
+                        compile(body, f"{page.name}, block {i + 1}", "exec"),
                         namespace,
                     )
     finally:

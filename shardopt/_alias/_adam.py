@@ -21,13 +21,19 @@ def adam(
     mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adam: bias-corrected first moment over the root of the second.
+
+    ``mu_dtype`` and ``nu_dtype`` store the moments narrower (e.g. bfloat16);
+    the second moment is updated in float32 and rounded once when stored.
 
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     """
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
+        ),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -43,13 +49,18 @@ def adamw(
     mask: Mask = None,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adam with decoupled weight decay, applied where ``mask`` is True.
+
+    ``mu_dtype`` and ``nu_dtype`` store the moments narrower, as in :func:`adam`.
 
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
     """
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
+        ),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

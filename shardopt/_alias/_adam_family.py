@@ -28,12 +28,22 @@ def nadam(
     mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = True,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Nadam: Adam with Nesterov momentum (``adam(..., nesterov=True)``).
 
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR Workshop 2016.
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+    return adam(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nesterov=nesterov,
+        nu_dtype=nu_dtype,
+    )
 
 
 def nadamw(
@@ -47,6 +57,7 @@ def nadamw(
     mask: Mask = None,
     *,
     nesterov: bool = True,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """NadamW: Nadam with decoupled weight decay (``adamw(..., nesterov=True)``).
 
@@ -63,6 +74,7 @@ def nadamw(
         weight_decay,
         mask,
         nesterov=nesterov,
+        nu_dtype=nu_dtype,
     )
 
 
@@ -71,12 +83,17 @@ def adamax(
     b1: ScalarOrSchedule = 0.9,
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-8,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adamax: Adam with the infinity norm in place of the second moment.
 
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, §7.1.
     """
-    return chain(scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_adamax(b1, b2, eps, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def adamaxw(
@@ -86,6 +103,8 @@ def adamaxw(
     eps: ScalarOrSchedule = 1e-8,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: Mask = None,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adamax with decoupled weight decay, applied where ``mask`` is True.
 
@@ -93,7 +112,7 @@ def adamaxw(
     Regularization", ICLR 2019.
     """
     return chain(
-        scale_by_adamax(b1, b2, eps),
+        scale_by_adamax(b1, b2, eps, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -108,6 +127,8 @@ def amsgrad(
     mu_dtype: DTypeLike | None = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """AMSGrad: Adam with the running maximum of the second moment.
 
@@ -115,7 +136,14 @@ def amsgrad(
     """
     return chain(
         scale_by_amsgrad(
-            b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            bias_correction_mu,
+            bias_correction_nu,
+            nu_dtype=nu_dtype,
         ),
         scale_by_learning_rate(learning_rate),
     )
@@ -129,6 +157,7 @@ def adabelief(
     eps_root: ScalarOrSchedule = 1e-16,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """AdaBelief: Adam scaled by the belief in the observed gradient.
 
@@ -136,7 +165,7 @@ def adabelief(
     Observed Gradients", NeurIPS 2020.
     """
     return chain(
-        scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov),
+        scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov, nu_dtype=nu_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -146,12 +175,17 @@ def yogi(
     b1: ScalarOrSchedule = 0.9,
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-3,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Yogi: Adam with an additive, sign-controlled second-moment update.
 
     Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018.
     """
-    return chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_yogi(b1, b2, eps, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def radam(
@@ -163,6 +197,7 @@ def radam(
     threshold: ScalarOrSchedule = 5.0,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """RAdam: Adam with a variance-rectified adaptive step.
 
@@ -170,6 +205,8 @@ def radam(
     ICLR 2020.
     """
     return chain(
-        scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
+        scale_by_radam(
+            b1, b2, eps, eps_root, threshold, nesterov=nesterov, nu_dtype=nu_dtype
+        ),
         scale_by_learning_rate(learning_rate),
     )

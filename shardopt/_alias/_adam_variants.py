@@ -87,6 +87,7 @@ def optimistic_adam(
     mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = True,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Optimistic Adam (deprecated in optax: use :func:`optimistic_adam_v2`).
 
@@ -113,7 +114,9 @@ def optimistic_adam(
         optimism = learning_rate
     optimism = as_hyperparameter(optimism, name="optimism", domain=NONNEGATIVE)
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
+        ),
         scale_by_optimistic_gradient(alpha=learning_rate, beta=optimism),
         scale_by_learning_rate(1.0),
     )
@@ -130,13 +133,16 @@ def optimistic_adam_v2(
     eps_root: ScalarOrSchedule = 0.0,
     mu_dtype: DTypeLike | None = None,
     nesterov: bool = True,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Optimistic Adam: Adam's direction ``d`` as ``(alpha + beta) d_t - beta d_{t-1}``.
 
     Daskalakis, Ilyas, Syrgkanis & Zeng, "Training GANs with Optimism", ICLR 2018.
     """
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
+        ),
         scale_by_optimistic_gradient(alpha, beta),
         scale_by_learning_rate(learning_rate),
     )

@@ -95,7 +95,7 @@ class MultiSteps(AbstractTransform):
         self.every_k_schedule = _steps_per_update(every_k_schedule)
         self.use_grad_mean = bool(use_grad_mean)
         self.should_skip_update_fn = should_skip_update_fn
-        self.accumulator_dtype = canonical_dtype(accumulator_dtype)
+        self.accumulator_dtype = canonical_dtype(accumulator_dtype, "accumulator_dtype")
 
     @property
     def inner_opt(self) -> AbstractTransform:

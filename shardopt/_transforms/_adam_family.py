@@ -32,6 +32,7 @@ from .._tree_math import (
     ema,
     full_like,
     promote,
+    widened,
     zeros_like,
 )
 from ._moments import ScaleByAdamState
@@ -75,9 +76,11 @@ class ScaleByAdamax(AbstractTransform):
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(zero_count(), zeros_like(params), zeros_like(params))
+        nu = zeros_like(params, self.nu_dtype)
+        return ScaleByAdamState(zero_count(), zeros_like(params), nu)
 
     def update(
         self, grads: Updates, state: ScaleByAdamState, params: Params | None = None
@@ -92,8 +95,8 @@ class ScaleByAdamax(AbstractTransform):
             lambda g, u: jnp.maximum(
                 *promote(jnp.abs(g) + eps.astype(g.dtype), b2.astype(u.dtype) * u)
             ),
-            grads,
-            state.nu,
+            widened(grads, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
         )
         updates = jax.tree.map(
             lambda m, u: _divide(bias_correction(m, b1, count), u), mu, nu
@@ -126,13 +129,14 @@ class ScaleByAmsgrad(AbstractTransform):
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
     bias_correction_mu: bool = eqx.field(static=True)
     bias_correction_nu: bool = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAmsgradState:
         return ScaleByAmsgradState(
             zero_count(),
             zeros_like(params, self.mu_dtype),
-            zeros_like(params),
-            zeros_like(params),
+            zeros_like(params, self.nu_dtype),
+            zeros_like(params, self.nu_dtype),
         )
 
     def update(
@@ -145,7 +149,11 @@ class ScaleByAmsgrad(AbstractTransform):
         eps_root = resolve(self.eps_root, state.count, name="eps_root")
         count = safe_increment(state.count)
         mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: ema(g, v, b2, 2), grads, state.nu)
+        nu = jax.tree.map(
+            lambda g, v: ema(g, v, b2, 2),
+            widened(grads, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
+        )
         mu_hat = mu
         if self.bias_correction_mu:
             mu_hat = jax.tree.map(lambda m: bias_correction(m, b1, count), mu)
@@ -153,7 +161,9 @@ class ScaleByAmsgrad(AbstractTransform):
         if self.bias_correction_nu:
             nu_eff = jax.tree.map(lambda v: bias_correction(v, b2, count), nu)
         nu_max = jax.tree.map(
-            lambda old, v: jnp.maximum(*promote(old, v)), state.nu_max, nu_eff
+            lambda old, v: jnp.maximum(*promote(old, v)),
+            widened(state.nu_max, self.nu_dtype),
+            nu_eff,
         )
         updates = jax.tree.map(
             lambda m, v: _divide(m, _root_plus_eps(v, eps_root, eps)), mu_hat, nu_max
@@ -186,9 +196,11 @@ class ScaleByBelief(AbstractTransform):
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     nesterov: bool = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByBeliefState:
-        return ScaleByBeliefState(zero_count(), zeros_like(params), zeros_like(params))
+        nu = zeros_like(params, self.nu_dtype)
+        return ScaleByBeliefState(zero_count(), zeros_like(params), nu)
 
     def update(
         self, grads: Updates, state: ScaleByBeliefState, params: Params | None = None
@@ -205,7 +217,12 @@ class ScaleByBelief(AbstractTransform):
             s = ema(add(g, -m), s, b2, 2)
             return s + eps_root.astype(s.dtype)
 
-        nu = jax.tree.map(surprise, grads, mu, state.nu)
+        nu = jax.tree.map(
+            surprise,
+            widened(grads, self.nu_dtype),
+            widened(mu, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
+        )
         if self.nesterov:
             mu_hat = _nesterov_first_moment(mu, grads, b1, count)
         else:
@@ -240,6 +257,7 @@ class ScaleByYogi(AbstractTransform):
     initial_accumulator_value: Hyperparameter = hyperparameter(
         "initial_accumulator_value", POSITIVE
     )
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
         initial = resolve(
@@ -248,7 +266,9 @@ class ScaleByYogi(AbstractTransform):
             name="initial_accumulator_value",
         )
         return ScaleByAdamState(
-            zero_count(), full_like(params, initial), full_like(params, initial)
+            zero_count(),
+            full_like(params, initial),
+            full_like(params, initial, self.nu_dtype),
         )
 
     def update(
@@ -266,7 +286,9 @@ class ScaleByYogi(AbstractTransform):
             g2, v = promote(g * g, v)
             return v - (1 - b2).astype(v.dtype) * jnp.sign(v - g2) * g2
 
-        nu = jax.tree.map(second, grads, state.nu)
+        nu = jax.tree.map(
+            second, widened(grads, self.nu_dtype), widened(state.nu, self.nu_dtype)
+        )
         updates = jax.tree.map(
             lambda m, v: _divide(
                 bias_correction(m, b1, count),
@@ -298,9 +320,11 @@ class ScaleByRadam(AbstractTransform):
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     threshold: Hyperparameter = hyperparameter("threshold", REAL)
     nesterov: bool = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(zero_count(), zeros_like(params), zeros_like(params))
+        nu = zeros_like(params, self.nu_dtype)
+        return ScaleByAdamState(zero_count(), zeros_like(params), nu)
 
     def update(
         self, grads: Updates, state: ScaleByAdamState, params: Params | None = None
@@ -313,7 +337,11 @@ class ScaleByRadam(AbstractTransform):
         threshold = resolve(self.threshold, state.count, name="threshold")
         count = safe_increment(state.count)
         mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: ema(g, v, b2, 2), grads, state.nu)
+        nu = jax.tree.map(
+            lambda g, v: ema(g, v, b2, 2),
+            widened(grads, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
+        )
 
         rho_inf = 2 / (1 - b2) - 1
         b2t = b2 ** count.astype(b2.dtype)
@@ -343,9 +371,14 @@ def scale_by_adamax(
     b1: ScalarOrSchedule = 0.9,
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-8,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByAdamax:
-    """Rescale updates by Adamax's first moment over a decayed infinity norm."""
-    return ScaleByAdamax(b1, b2, eps)
+    """Rescale updates by Adamax's first moment over a decayed infinity norm.
+
+    ``nu_dtype`` stores the infinity norm narrower (updated in float32).
+    """
+    return ScaleByAdamax(b1, b2, eps, canonical_dtype(nu_dtype, "nu_dtype"))
 
 
 def scale_by_amsgrad(
@@ -356,16 +389,23 @@ def scale_by_amsgrad(
     mu_dtype: DTypeLike | None = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByAmsgrad:
-    """Rescale updates by AMSGrad's first moment over the maximum second moment."""
+    """Rescale updates by AMSGrad's first moment over the maximum second moment.
+
+    ``nu_dtype`` stores the second moment and its maximum narrower (updated in
+    float32, rounded once).
+    """
     return ScaleByAmsgrad(
         b1,
         b2,
         eps,
         eps_root,
-        canonical_dtype(mu_dtype),
+        canonical_dtype(mu_dtype, "mu_dtype"),
         bias_correction_mu,
         bias_correction_nu,
+        canonical_dtype(nu_dtype, "nu_dtype"),
     )
 
 
@@ -376,9 +416,16 @@ def scale_by_belief(
     eps_root: ScalarOrSchedule = 1e-16,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByBelief:
-    """Rescale updates by AdaBelief's moments (of the gradient and its surprise)."""
-    return ScaleByBelief(b1, b2, eps, eps_root, nesterov)
+    """Rescale updates by AdaBelief's moments (of the gradient and its surprise).
+
+    ``nu_dtype`` stores the surprise's second moment narrower (updated in
+    float32, rounded once).
+    """
+    return ScaleByBelief(
+        b1, b2, eps, eps_root, nesterov, canonical_dtype(nu_dtype, "nu_dtype")
+    )
 
 
 def scale_by_yogi(
@@ -387,9 +434,21 @@ def scale_by_yogi(
     eps: ScalarOrSchedule = 1e-3,
     eps_root: ScalarOrSchedule = 0.0,
     initial_accumulator_value: ScalarOrSchedule = 1e-6,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByYogi:
-    """Rescale updates by Yogi's moments (an additively updated second moment)."""
-    return ScaleByYogi(b1, b2, eps, eps_root, initial_accumulator_value)
+    """Rescale updates by Yogi's moments (an additively updated second moment).
+
+    ``nu_dtype`` stores the second moment narrower (updated in float32).
+    """
+    return ScaleByYogi(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        initial_accumulator_value,
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )
 
 
 def scale_by_radam(
@@ -400,6 +459,18 @@ def scale_by_radam(
     threshold: ScalarOrSchedule = 5.0,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByRadam:
-    """Rescale updates by Rectified Adam's moments."""
-    return ScaleByRadam(b1, b2, eps, eps_root, threshold, nesterov)
+    """Rescale updates by Rectified Adam's moments.
+
+    ``nu_dtype`` stores the second moment narrower (updated in float32).
+    """
+    return ScaleByRadam(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        threshold,
+        nesterov,
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )

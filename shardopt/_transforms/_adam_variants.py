@@ -230,7 +230,7 @@ def scale_by_novograd(
 ) -> ScaleByNovograd:
     """NovoGrad's updates: momentum of layer-normalised gradients plus decay."""
     return ScaleByNovograd(
-        b1, b2, eps, eps_root, weight_decay, canonical_dtype(mu_dtype)
+        b1, b2, eps, eps_root, weight_decay, canonical_dtype(mu_dtype, "mu_dtype")
     )
 
 

@@ -86,7 +86,11 @@ def ema(
     accumulator_dtype: DTypeLike | None = None,
 ) -> Ema:
     """Replace updates by their exponential moving average (debiased by default)."""
-    return Ema(decay, check_bool(debias, "debias"), canonical_dtype(accumulator_dtype))
+    return Ema(
+        decay,
+        check_bool(debias, "debias"),
+        canonical_dtype(accumulator_dtype, "accumulator_dtype"),
+    )
 
 
 def _as_floats(tree: PyTree) -> PyTree:

@@ -147,5 +147,5 @@ def scale_by_distance_over_gradients(
     when None).
     """
     return ScaleByDistanceOverGradients(
-        reps_rel, eps, global_scale, canonical_dtype(param_dtype)
+        reps_rel, eps, global_scale, canonical_dtype(param_dtype, "param_dtype")
     )

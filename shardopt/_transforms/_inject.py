@@ -222,7 +222,7 @@ def inject_hyperparams(
             f"static_args must name arguments of inner_factory: got "
             f"{sorted(static)}, inner_factory takes {list(signature.parameters)}"
         )
-    dtype = canonical_dtype(hyperparam_dtype)
+    dtype = canonical_dtype(hyperparam_dtype, "hyperparam_dtype")
 
     @functools.wraps(inner_factory)
     def wrapped(*args: Any, **kwargs: Any) -> InjectHyperparams:

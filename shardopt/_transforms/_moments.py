@@ -25,6 +25,7 @@ from .._tree_math import (
     cast_like,
     ema,
     promote,
+    widened,
     zeros_like,
 )
 
@@ -72,6 +73,10 @@ class ScaleByAdam(AbstractTransform):
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
     ``nesterov=True`` is Nadam (Dozat, "Incorporating Nesterov Momentum into
     Adam", 2016).
+
+    ``mu_dtype`` stores the first moment as optax does (its update as optax
+    computes it); ``nu_dtype`` stores the second moment: ``nu`` is updated in
+    float32 (``g`` and the stored ``nu`` widened) and rounded once when stored.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
@@ -80,10 +85,13 @@ class ScaleByAdam(AbstractTransform):
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
     nesterov: bool = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(
-            zero_count(), zeros_like(params, self.mu_dtype), zeros_like(params)
+            zero_count(),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
         )
 
     def update(
@@ -95,7 +103,11 @@ class ScaleByAdam(AbstractTransform):
         eps = resolve(self.eps, state.count, name="eps")
         eps_root = resolve(self.eps_root, state.count, name="eps_root")
         mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: ema(g, v, b2, 2), grads, state.nu)
+        nu = jax.tree.map(
+            lambda g, v: ema(g, v, b2, 2),
+            widened(grads, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
+        )
         count = safe_increment(state.count)
         mu_hat = jax.tree.map(lambda m: bias_correction(m, b1, count), mu)
         if self.nesterov:
@@ -127,7 +139,9 @@ def trace(
     accumulator_dtype: DTypeLike | None = None,
 ) -> Trace:
     """Momentum: ``trace = g + decay * trace``, emitted as is or Nesterov-style."""
-    return Trace(decay, nesterov, canonical_dtype(accumulator_dtype))
+    return Trace(
+        decay, nesterov, canonical_dtype(accumulator_dtype, "accumulator_dtype")
+    )
 
 
 def scale_by_adam(
@@ -138,6 +152,19 @@ def scale_by_adam(
     mu_dtype: DTypeLike | None = None,
     *,
     nesterov: bool = False,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByAdam:
-    """Rescale updates by Adam's bias-corrected moments."""
-    return ScaleByAdam(b1, b2, eps, eps_root, canonical_dtype(mu_dtype), nesterov)
+    """Rescale updates by Adam's bias-corrected moments.
+
+    ``mu_dtype`` / ``nu_dtype``: the dtypes the first and second moments are
+    stored in (default: each parameter's); a non-floating dtype is an error.
+    """
+    return ScaleByAdam(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        nesterov,
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )

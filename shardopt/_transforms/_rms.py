@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -19,9 +20,12 @@ from .._hyperparams import (
 from .._tree_math import (
     add,
     bias_correction,
+    canonical_dtype,
+    cast_like,
     ema,
     full_like,
     promote,
+    widened,
     zeros_like,
 )
 
@@ -42,10 +46,11 @@ class ScaleByRms(AbstractTransform):
     initial_scale: Hyperparameter = hyperparameter("initial_scale", NONNEGATIVE)
     eps_in_sqrt: bool = eqx.field(static=True)
     bias_correction: bool = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByRmsState:
         initial = resolve(self.initial_scale, zero_count(), name="initial_scale")
-        return ScaleByRmsState(zero_count(), full_like(params, initial))
+        return ScaleByRmsState(zero_count(), full_like(params, initial, self.nu_dtype))
 
     def update(
         self, grads: Updates, state: ScaleByRmsState, params: Params | None = None
@@ -53,7 +58,11 @@ class ScaleByRms(AbstractTransform):
         del params
         decay = resolve(self.decay, state.count, name="decay")
         eps = resolve(self.eps, state.count, name="eps")
-        nu = jax.tree.map(lambda g, v: ema(g, v, decay, 2), grads, state.nu)
+        nu = jax.tree.map(
+            lambda g, v: ema(g, v, decay, 2),
+            widened(grads, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
+        )
         count = safe_increment(state.count)
 
         def direction(g, v):
@@ -66,7 +75,8 @@ class ScaleByRms(AbstractTransform):
             scaling, g = promote(scaling, g)
             return scaling * g
 
-        return jax.tree.map(direction, grads, nu), ScaleByRmsState(count, nu)
+        updates = jax.tree.map(direction, grads, nu)
+        return updates, ScaleByRmsState(count, cast_like(nu, state.nu))
 
 
 class ScaleByStddevState(eqx.Module):
@@ -86,11 +96,15 @@ class ScaleByStddev(AbstractTransform):
     initial_scale: Hyperparameter = hyperparameter("initial_scale", NONNEGATIVE)
     eps_in_sqrt: bool = eqx.field(static=True)
     bias_correction: bool = eqx.field(static=True)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByStddevState:
         initial = resolve(self.initial_scale, zero_count(), name="initial_scale")
         return ScaleByStddevState(
-            zero_count(), zeros_like(params), full_like(params, initial)
+            zero_count(),
+            zeros_like(params, self.mu_dtype),
+            full_like(params, initial, self.nu_dtype),
         )
 
     def update(
@@ -99,8 +113,16 @@ class ScaleByStddev(AbstractTransform):
         del params
         decay = resolve(self.decay, state.count, name="decay")
         eps = resolve(self.eps, state.count, name="eps")
-        mu = jax.tree.map(lambda g, m: ema(g, m, decay, 1), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: ema(g, v, decay, 2), grads, state.nu)
+        mu = jax.tree.map(
+            lambda g, m: ema(g, m, decay, 1),
+            widened(grads, self.mu_dtype),
+            widened(state.mu, self.mu_dtype),
+        )
+        nu = jax.tree.map(
+            lambda g, v: ema(g, v, decay, 2),
+            widened(grads, self.nu_dtype),
+            widened(state.nu, self.nu_dtype),
+        )
         count = safe_increment(state.count)
 
         def direction(g, m, v):
@@ -117,6 +139,7 @@ class ScaleByStddev(AbstractTransform):
             return scaling * g
 
         updates = jax.tree.map(direction, grads, mu, nu)
+        mu, nu = cast_like(mu, state.mu), cast_like(nu, state.nu)
         return updates, ScaleByStddevState(count, mu, nu)
 
 
@@ -136,6 +159,7 @@ class ScaleByRss(AbstractTransform):
         "initial_accumulator_value", NONNEGATIVE
     )
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    accumulator_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByRssState:
         initial = resolve(
@@ -143,14 +167,19 @@ class ScaleByRss(AbstractTransform):
             zero_count(),
             name="initial_accumulator_value",
         )
-        return ScaleByRssState(zero_count(), full_like(params, initial))
+        sums = full_like(params, initial, self.accumulator_dtype)
+        return ScaleByRssState(zero_count(), sums)
 
     def update(
         self, grads: Updates, state: ScaleByRssState, params: Params | None = None
     ) -> tuple[Updates, ScaleByRssState]:
         del params
         eps = resolve(self.eps, state.count, name="eps")
-        sums = jax.tree.map(lambda g, t: add(g * g, t), grads, state.sum_of_squares)
+        sums = jax.tree.map(
+            lambda g, t: add(g * g, t),
+            widened(grads, self.accumulator_dtype),
+            widened(state.sum_of_squares, self.accumulator_dtype),
+        )
 
         def direction(g, t):
             inverse = jnp.where(
@@ -160,6 +189,7 @@ class ScaleByRss(AbstractTransform):
             return inverse * g
 
         updates = jax.tree.map(direction, grads, sums)
+        sums = cast_like(sums, state.sum_of_squares)
         return updates, ScaleByRssState(safe_increment(state.count), sums)
 
 
@@ -169,9 +199,21 @@ def scale_by_rms(
     initial_scale: float = 0.0,
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByRms:
-    """Rescale updates by the root of a moving average of squared gradients."""
-    return ScaleByRms(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
+    """Rescale updates by the root of a moving average of squared gradients.
+
+    ``nu_dtype`` stores the average narrower (updated in float32, rounded once).
+    """
+    return ScaleByRms(
+        decay,
+        eps,
+        initial_scale,
+        eps_in_sqrt,
+        bias_correction,
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )
 
 
 def scale_by_stddev(
@@ -180,13 +222,39 @@ def scale_by_stddev(
     initial_scale: float = 0.0,
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByStddev:
-    """Rescale updates by a moving estimate of the gradients' standard deviation."""
-    return ScaleByStddev(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
+    """Rescale updates by a moving estimate of the gradients' standard deviation.
+
+    ``mu_dtype`` / ``nu_dtype`` store the two averages narrower (updated in
+    float32, rounded once).
+    """
+    return ScaleByStddev(
+        decay,
+        eps,
+        initial_scale,
+        eps_in_sqrt,
+        bias_correction,
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )
 
 
 def scale_by_rss(
-    initial_accumulator_value: float = 0.1, eps: ScalarOrSchedule = 1e-7
+    initial_accumulator_value: float = 0.1,
+    eps: ScalarOrSchedule = 1e-7,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> ScaleByRss:
-    """Rescale updates by the root of the running sum of squared gradients."""
-    return ScaleByRss(initial_accumulator_value, eps)
+    """Rescale updates by the root of the running sum of squared gradients.
+
+    ``accumulator_dtype`` stores the sum narrower (summed in float32, rounded
+    once).
+    """
+    return ScaleByRss(
+        initial_accumulator_value,
+        eps,
+        canonical_dtype(accumulator_dtype, "accumulator_dtype"),
+    )

@@ -91,4 +91,4 @@ def scale_by_lion(
     mu_dtype: DTypeLike | None = None,
 ) -> ScaleByLion:
     """Rescale updates to the sign of Lion's momentum interpolation."""
-    return ScaleByLion(b1, b2, canonical_dtype(mu_dtype))
+    return ScaleByLion(b1, b2, canonical_dtype(mu_dtype, "mu_dtype"))
