@@ -60,14 +60,14 @@ SEED = 0
 class Config:
     """What a run is: a checkpoint can only be resumed by the same config."""
 
-    steps: int = 600
+    steps: int = 1000
     batch: int = 32  # sequences per step, split over the data axis
     context: int = 64
     width: int = 128
     depth: int = 2
     heads: int = 4
     lr: float = 3e-3
-    warmup: int = 60
+    warmup: int = 100
 
 
 # ----------------------------------------------------------------------- data
@@ -231,7 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=d.heads)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=None, help="default: steps // 10")
-    p.add_argument("--ckpt-every", type=int, default=200, metavar="N")
+    p.add_argument("--ckpt-every", type=int, default=250, metavar="N")
     p.add_argument(
         "--stop-after",
         type=int,
@@ -528,7 +528,7 @@ def plots(
     fig.tight_layout()
     fig.savefig(paths[1])
     plt.close(fig)
-    print(f"plots: {paths[0]} {paths[1]}")
+    print(f"plots: {paths[0].resolve()} {paths[1].resolve()}")
     return [str(p) for p in paths]
 
 

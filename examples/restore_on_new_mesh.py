@@ -179,7 +179,7 @@ def plot(out: pathlib.Path, reference: list[float], continued: list[float], half
     path = out / "restore.png"
     fig.savefig(path)
     plt.close(fig)
-    print(f"plot: {path}")
+    print(f"plot: {path.resolve()}")
     return [str(path)]
 
 
