@@ -40,6 +40,8 @@ def test_train_mlp_example_at_stage_3():
 # short), so the runs of one stage compile their step once.
 TINY = ["--batch", "16", "--context", "16", "--width", "32", "--depth", "1"]
 TINY += ["--heads", "2", "--steps", "6"]
+# one pytest-xdist worker runs them all (scripts/test: --dist loadgroup)
+same_worker = pytest.mark.xdist_group("examples_in_process")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,7 @@ def examples():
         sys.path.remove(str(ROOT / "examples"))
 
 
+@same_worker
 @pytest.mark.parametrize("stage", [1, 3])
 def test_gpt_resume_continues_bit_for_bit(examples, tmp_path, stage):
     gpt = examples[0]
@@ -74,6 +77,7 @@ def test_gpt_resume_continues_bit_for_bit(examples, tmp_path, stage):
     assert saved["losses"] == whole["losses"]
 
 
+@same_worker
 def test_gpt_writes_plots_or_says_why(examples, tmp_path, capsys):
     gpt = examples[0]
     out = tmp_path / "run"
@@ -94,6 +98,7 @@ def test_gpt_writes_plots_or_says_why(examples, tmp_path, capsys):
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 100_000
 
 
+@same_worker
 def test_gpt_resume_refuses_another_run_configuration(examples, tmp_path):
     gpt = examples[0]
     out = ["--out", str(tmp_path / "run"), "--sample", "0", "--no-plots"]
@@ -105,6 +110,7 @@ def test_gpt_resume_refuses_another_run_configuration(examples, tmp_path):
         gpt.main([*wider, *out, "--resume"])
 
 
+@same_worker
 def test_restore_on_new_mesh_continues_with_equal_numbers(examples, tmp_path, capsys):
     restore = examples[1]
     result = restore.main([*TINY, "--no-plots", "--out", str(tmp_path)])
