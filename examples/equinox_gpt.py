@@ -32,6 +32,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Iterable
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -98,7 +99,8 @@ def batch_at(step: int, tokens: np.ndarray, cfg: Config) -> tuple[np.ndarray, ..
     return window[:, :-1], window[:, 1:]
 
 
-def decode(ids) -> str:
+def decode(ids: Iterable[int]) -> str:
+    """Token ids back to text."""
     return "".join(VOCAB[int(i)] for i in ids)
 
 
@@ -192,7 +194,11 @@ def make_transform(cfg: Config) -> shardopt.AbstractTransform:
 
 
 @eqx.filter_jit(donate="all-except-first")
-def train_step(batch, model, opt):
+def train_step(
+    batch: tuple[jax.Array, jax.Array], model: GPT, opt: shardopt.Optimizer
+) -> tuple[GPT, shardopt.Optimizer, jax.Array]:
+    """One step: per-shard loss and gradients with the plan's collectives
+    (``opt.plan.value_and_grad``), then the update; model and optimizer donated."""
     loss, grads = opt.plan.value_and_grad(loss_fn)(model, *batch)
     model, opt = opt.step(model, grads)
     return model, opt, loss
@@ -255,6 +261,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def config_of(args: argparse.Namespace) -> Config:
+    """The run configuration from the options (checked, naming the option)."""
+    if args.width % args.heads:
+        raise SystemExit(
+            f"--width {args.width} is not divisible by --heads {args.heads}"
+        )
+    if args.context < 8 or args.steps < 1:
+        raise SystemExit("--context must be at least 8 and --steps at least 1")
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     return Config(
         args.steps,
@@ -268,7 +281,9 @@ def config_of(args: argparse.Namespace) -> Config:
     )
 
 
-def build(cfg: Config, plan: shardopt.ShardingPlan, abstract: bool = False):
+def build(
+    cfg: Config, plan: shardopt.ShardingPlan, abstract: bool = False
+) -> tuple[GPT, shardopt.Optimizer]:
     """The model and its optimizer in the plan's layout; as ShapeDtypeStructs
     (restore targets) when ``abstract``."""
     make = lambda: GPT(cfg, jax.random.key(SEED))
@@ -279,7 +294,9 @@ def build(cfg: Config, plan: shardopt.ShardingPlan, abstract: bool = False):
     return model, shardopt.Optimizer(make_transform(cfg), model, plan=plan)
 
 
-def restore(ckpt: shardopt.CheckpointManager, cfg: Config, plan) -> tuple:
+def restore(
+    ckpt: shardopt.CheckpointManager, cfg: Config, plan: shardopt.ShardingPlan
+) -> tuple[GPT, shardopt.Optimizer, int, list[float]]:
     """The latest checkpoint: model, optimizer, step, loss history."""
     step = ckpt.latest_step()
     if step is None:
@@ -312,7 +329,7 @@ def restore(ckpt: shardopt.CheckpointManager, cfg: Config, plan) -> tuple:
     return got.params, got.opt, step, list(got.data["losses"])
 
 
-def progress_bar(total: int, done: int, label: str = "training"):
+def progress_bar(total: int, done: int, label: str = "training") -> tuple:
     """A rich progress bar (step, loss, tokens per second, elapsed, ETA) when
     stdout is a terminal; otherwise disabled, and the caller prints lines."""
     from rich import progress as rp
@@ -333,16 +350,16 @@ def progress_bar(total: int, done: int, label: str = "training"):
 
 
 def train(
-    model,
-    opt,
+    model: GPT,
+    opt: shardopt.Optimizer,
     steps: range,
     tokens: np.ndarray,
     cfg: Config,
     mesh: Mesh,
     losses: list[float],
     label: str = "training",
-    after_step=None,
-):
+    after_step: Callable[[int, GPT, shardopt.Optimizer], None] | None = None,
+) -> tuple[GPT, shardopt.Optimizer, float]:
     """Run ``steps`` (appending to ``losses``) under a progress bar; call
     ``after_step(step_done, model, opt)`` after each. Returns the model, the
     optimizer and the tokens per second after the first (compiling) step."""

@@ -39,7 +39,7 @@ import shardopt
 RTOL = 1e-5  # measured: ~2e-7 after 100 steps on another shard count
 
 
-def host_arrays(*trees) -> list[np.ndarray]:
+def host_arrays(*trees: object) -> list[np.ndarray]:
     """Every array leaf of ``trees``, copied to the host (before donation)."""
     return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(trees, eqx.is_array))]
 
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def plot(out: pathlib.Path, reference: list[float], continued: list[float], half: int):
+def plot(
+    out: pathlib.Path, reference: list[float], continued: list[float], half: int
+) -> list[str]:
     """restore.png: both runs' losses and where the mesh changed."""
     try:
         import matplotlib
