@@ -1,7 +1,7 @@
 """Train an Equinox MLP with ZeRO-sharded AdamW, checkpoint it, restore it elsewhere.
 
-Run with `scripts/demo` (8 simulated CPU devices; `scripts/demo --stage 3` for
-FSDP). The batch is split over a 1-D "data" mesh; the plan partitions the
+Run with `python examples/train_mlp.py` (8 simulated CPU devices; `--stage 3`
+for FSDP). The batch is split over a 1-D "data" mesh; the plan partitions the
 optimizer state (stage 1), the gradients (stage 2) and the parameters (stage 3)
 over the same axis. At the end the checkpoint is restored onto 4 devices at
 stage 0 and checked to be equal.

@@ -34,6 +34,8 @@ DISTRIBUTIONS = {
     "orbax": "orbax-checkpoint",
     "rich": "rich",
 }
+# the same for what only examples/ imports (the ``examples`` extra)
+EXAMPLE_DISTRIBUTIONS = {"matplotlib": "matplotlib"}
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -168,3 +170,23 @@ def test_every_third_party_import_is_declared():
     assert not unknown, f"add these to DISTRIBUTIONS and pyproject: {unknown}"
     missing = {DISTRIBUTIONS[n] for n in third_party} - declared
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_every_third_party_import_of_the_examples_is_declared():
+    """examples/ may also use the ``examples`` extra (what scripts/demo installs)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"].get(
+        "examples", []
+    )
+    declared = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0] for d in requirements}
+    scripts = sorted((ROOT / "examples").glob("*.py"))
+    ours = {path.stem for path in scripts}  # an example may import another
+    used = set()
+    for path in scripts:
+        used |= imports(f"examples.{path.stem}", path)[1]
+    third_party = used - set(sys.stdlib_module_names) - {"__future__"} - ours
+    known = {**DISTRIBUTIONS, **EXAMPLE_DISTRIBUTIONS}
+    unknown = third_party - set(known)
+    assert not unknown, f"add these to EXAMPLE_DISTRIBUTIONS and pyproject: {unknown}"
+    missing = {known[n] for n in third_party} - declared
+    assert not missing, f"examples import these, pyproject does not declare: {missing}"
