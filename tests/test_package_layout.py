@@ -24,11 +24,13 @@ LAYERS = {
     "optimizer": 3,
     "checkpoint": 4,
     "distributed": 4,
+    "integrations": 5,  # integrations/, and nnx.py / linen.py re-exporting them
 }
 # import name -> distribution name in pyproject's dependencies
 DISTRIBUTIONS = {
     "jax": "jax",
     "equinox": "equinox",
+    "flax": "flax",
     "jaxtyping": "jaxtyping",
     "numpy": "numpy",
     "orbax": "orbax-checkpoint",
@@ -64,7 +66,9 @@ def layer(module: str) -> str | None:
         return "transforms" if len(parts) > 2 else None
     if top == "_optimizer":
         return "optimizer"
-    if top in {"sharding", "checkpoint", "distributed"}:
+    if top in {"nnx", "linen"}:
+        return "integrations"
+    if top in {"sharding", "checkpoint", "distributed", "integrations"}:
         return top if len(parts) > 2 else None
     raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
 
