@@ -172,3 +172,16 @@ def test_every_third_party_import_is_declared():
     assert not unknown, f"add these to DISTRIBUTIONS and pyproject: {unknown}"
     missing = {DISTRIBUTIONS[n] for n in third_party} - declared
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_import_shardopt_leaves_flax_unimported():
+    # flax.nnx costs ~0.3 s more at import (measured): only shardopt.nnx and
+    # shardopt.linen import it.
+    import subprocess
+
+    code = "import sys, shardopt; print(sorted(m for m in sys.modules if 'flax' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

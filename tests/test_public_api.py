@@ -9,6 +9,8 @@ import pytest
 import shardopt
 import shardopt.checkpoint
 import shardopt.distributed
+import shardopt.linen
+import shardopt.nnx
 import shardopt.sharding
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -20,16 +22,31 @@ def public(module):
 
 
 def test_every_public_name_is_documented_in_the_readme():
-    modules = (shardopt, shardopt.sharding, shardopt.checkpoint, shardopt.distributed)
+    modules = (
+        shardopt,
+        shardopt.sharding,
+        shardopt.checkpoint,
+        shardopt.distributed,
+        shardopt.nnx,
+        shardopt.linen,
+    )
     for module in modules:
-        submodules = {"checkpoint", "sharding", "distributed"}
+        submodules = {"checkpoint", "sharding", "distributed", "integrations"}
+        submodules |= {"nnx", "linen"}
         missing = sorted(public(module) - DOCUMENTED - submodules)
         assert not missing, f"{module.__name__}: not in README.md: {missing}"
 
 
 @pytest.mark.parametrize(
     "module",
-    [shardopt, shardopt.sharding, shardopt.checkpoint, shardopt.distributed],
+    [
+        shardopt,
+        shardopt.sharding,
+        shardopt.checkpoint,
+        shardopt.distributed,
+        shardopt.nnx,
+        shardopt.linen,
+    ],
     ids=lambda m: m.__name__,
 )
 def test_init_only_reexports(module):
