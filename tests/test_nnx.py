@@ -46,6 +46,11 @@ def loss_fn(model, x, y):
 
 
 @nnx.jit
+def apply(optimizer, model, grads):
+    optimizer.update(model, grads)
+
+
+@nnx.jit
 def train_step(model, optimizer, x, y):
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
@@ -155,13 +160,13 @@ def test_filters_train_only_what_wrt_selects():
     diff = nnx.DiffState(0, nnx.LoRAParam)
     grads = nnx.grad(loss_fn, argnums=diff)(model, X, Y)
     before = np.asarray(model.lora.lora_b[...])
-    optimizer.update(model, grads)
+    apply(optimizer, model, grads)
     np.testing.assert_array_equal(model.base.kernel[...], base)
     assert not np.array_equal(model.lora.lora_b[...], before)
     # gradients of a Variable the optimizer does not train: named, not dropped
     all_grads = nnx.grad(loss_fn)(model, X, Y)
     with pytest.raises(ValueError, match=r"\['base'\]\['kernel'\]: Param"):
-        optimizer.update(model, all_grads)
+        apply(optimizer, model, all_grads)
     # nnx.Not(...) filters the other way round: the LoRA factors stay fixed
     wrt = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     frozen = shardopt.nnx.Optimizer(model, shardopt.adam(0.1), wrt=wrt)
@@ -169,7 +174,7 @@ def test_filters_train_only_what_wrt_selects():
     assert any("'base', 'kernel'" in p for p in paths)
     assert not any("lora" in p for p in paths)
     lora_b = np.asarray(model.lora.lora_b[...])
-    frozen.update(model, nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, X, Y))
+    apply(frozen, model, nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, X, Y))
     np.testing.assert_array_equal(model.lora.lora_b[...], lora_b)
     assert not np.array_equal(model.base.kernel[...], base)
 
@@ -199,6 +204,10 @@ def test_scanned_layers():
 
         return jnp.mean(body(model, x) ** 2)
 
+    @nnx.jit
+    def scan_step(blocks, optimizer, x):
+        optimizer.update(blocks, nnx.grad(run)(blocks, x))
+
     results = []
     for stage in (0, 3):
         with jax.set_mesh(MESH):
@@ -207,8 +216,7 @@ def test_scanned_layers():
                 blocks, shardopt.adam(1e-2), plan=plan(stage)
             )
             for _ in range(2):
-                grads = nnx.grad(run)(blocks, X)
-                optimizer.update(blocks, grads)
+                scan_step(blocks, optimizer, X)
         kernel = blocks.linear.kernel[...]
         assert kernel.shape == (3, 16, 16)
         results.append(np.asarray(kernel))
