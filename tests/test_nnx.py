@@ -270,3 +270,14 @@ def test_annotation_naming_an_axis_the_mesh_lacks():
     other = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     with pytest.raises(ValueError, match=r"\['down'\]\['kernel'\].*no axis 'model'"):
         shardopt.nnx.Optimizer(model, shardopt.sgd(0.1), plan=shardopt.zero(1, other))
+
+
+def test_optimizer_sharding_metadata_sets_the_state_layout():
+    model = make_model()
+    model.up.kernel.set_metadata(optimizer_sharding=(None, ("data", "model")))
+    optimizer = shardopt.nnx.Optimizer(model, shardopt.adam(1e-2), plan=plan(1))
+    mu = optimizer.opt_state[0].mu
+    assert mu["up"]["kernel"][...].sharding.spec == PartitionSpec(
+        None, ("data", "model")
+    )
+    assert mu["down"]["kernel"][...].sharding.spec == PartitionSpec("model", "data")

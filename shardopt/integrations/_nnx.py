@@ -9,6 +9,7 @@ transform's arrays (hyperparameters), its state and its count become
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -43,6 +44,36 @@ def _paths(state: nnx.State) -> dict[str, nnx.Variable]:
     return {path_str(p): v for p, v in flat if isinstance(v, nnx.Variable)}
 
 
+def optimizer_overrides(state: nnx.State, plan: ShardingPlan) -> ShardingPlan:
+    """``plan`` with each Variable's ``optimizer_sharding`` metadata as an override.
+
+    ``optimizer_sharding`` is NNX's way to give a parameter's optimizer state
+    its own layout (``nnx.Optimizer`` lays the moments out with it); here it
+    is the parameter's partitioned layout ``Z``: its mirrored state's, and
+    from stage 2 its gradient's (stage 3: the parameter's too).
+    """
+    found = {}
+    for path, var in _paths(state).items():
+        names = var.get_metadata().get("optimizer_sharding")
+        if names:
+            spec = PartitionSpec(*names)
+            annotation = f"optimizer_sharding={tuple(names)!r}"
+            check_annotations(
+                {path: spec},
+                {path: var.get_value()},
+                {path: annotation},
+                plan,
+                "Variable",
+                _AXIS_HINT,
+            )
+            found[path] = spec
+    if not found:
+        return plan
+    overrides = dict(plan.overrides)
+    overrides.update(found)
+    return dataclasses.replace(plan, overrides=tuple(sorted(overrides.items())))
+
+
 def model_specs(state: nnx.State, plan: ShardingPlan) -> dict[str, PartitionSpec]:
     """``{path: PartitionSpec}`` for each Variable of ``state`` with an annotation.
 
@@ -75,8 +106,10 @@ class Optimizer(nnx.Pytree):
     annotations (``out_sharding``, ``nnx.with_partitioning``, logical axis
     rules): the trained Variables are moved into the plan's parameter layout
     (partitioned over the data axes at stage 3) and the state is created in
-    its layout. A model without any annotation is warned about once
-    (:class:`UnannotatedModelWarning`) and starts replicated.
+    its layout; a Variable's ``optimizer_sharding`` metadata, where set, is
+    its state's layout (a plan override). A model without any annotation is
+    warned about once (:class:`UnannotatedModelWarning`) and starts
+    replicated.
 
     ``optimizer.update(model, grads)`` applies one step in place, under
     ``nnx.jit`` or eagerly; ``optimizer.step`` counts steps. ``grads`` must hold
@@ -113,6 +146,7 @@ class Optimizer(nnx.Pytree):
                     f"{type(plan).__name__}"
                 )
             specs = model_specs(state, plan)
+            plan = optimizer_overrides(state, plan)
             warn_if_unannotated(
                 params,
                 specs,
