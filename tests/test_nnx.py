@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import shardopt
 import shardopt.nnx
@@ -237,6 +237,20 @@ def test_checkpoint_round_trip_and_another_model(stage0, tmp_path):
     np.testing.assert_array_equal(mu, optimizer.opt_state[0].mu["up"]["kernel"][...])
     assert mu.sharding.spec == PartitionSpec("data", "model")  # the new layout
 
+    # onto an abstract model (nnx.eval_shape): nothing is initialised first
+    with jax.set_mesh(MESH):
+        abstract = nnx.eval_shape(lambda: MLP(nnx.Rngs(0)))
+    abstract_opt = shardopt.nnx.Optimizer(abstract, shardopt.adamw(1e-2), plan=plan(3))
+    mu = abstract_opt.opt_state[0].mu["up"]["kernel"].get_value()
+    assert isinstance(mu, jax.ShapeDtypeStruct)
+    assert mu.sharding.spec == PartitionSpec("data", "model")
+    with shardopt.CheckpointManager(tmp_path) as ckpt:
+        shardopt.nnx.restore(ckpt, abstract, abstract_opt)
+    jax.tree.map(np.testing.assert_array_equal, arrays(abstract), arrays(model))
+    kernel = abstract.up.kernel[...]
+    assert kernel.sharding.spec == PartitionSpec("data", "model")  # stage 3: FSDP
+    assert int(abstract_opt.step[...]) == 3
+
     class Other(nnx.Module):
         def __init__(self, rngs):
             self.up = nnx.Linear(16, 8, rngs=rngs)
@@ -281,3 +295,24 @@ def test_optimizer_sharding_metadata_sets_the_state_layout():
         None, ("data", "model")
     )
     assert mu["down"]["kernel"][...].sharding.spec == PartitionSpec("model", "data")
+
+
+def test_explicit_mesh_axes():
+    # jax.make_mesh's default: Explicit axes (the plan uses reshard there)
+    mesh = jax.make_mesh((8,), ("data",))
+    x = jax.device_put(X, NamedSharding(mesh, PartitionSpec("data")))
+    results = []
+    for stage in (0, 1):
+        with jax.set_mesh(mesh):
+            model = MLP(nnx.Rngs(0), annotated=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", shardopt.nnx.UnannotatedModelWarning)
+            plan = shardopt.zero(stage, mesh, min_size=64)
+            optimizer = shardopt.nnx.Optimizer(model, shardopt.adamw(1e-2), plan=plan)
+        with jax.set_mesh(mesh):
+            losses = [float(train_step(model, optimizer, x, Y)) for _ in range(2)]
+        results.append((losses, arrays(model)))
+    mu = optimizer.opt_state[0].mu["up"]["kernel"][...]
+    assert mu.sharding.spec == PartitionSpec(None, "data")
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    jax.tree.map(close, results[1][1], results[0][1])
