@@ -316,3 +316,30 @@ def test_explicit_mesh_axes():
     assert mu.sharding.spec == PartitionSpec(None, "data")
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
     jax.tree.map(close, results[1][1], results[0][1])
+
+
+def test_transform_with_a_python_function_leaf():
+    # MultiSteps' every_k_schedule may be a plain function: it stays static
+    model = make_model()
+    tx = shardopt.MultiSteps(shardopt.sgd(0.1), every_k_schedule=lambda step: 2)
+    optimizer = shardopt.nnx.Optimizer(model, tx, plan=plan(1))
+    before = arrays(model)
+    with jax.set_mesh(MESH):
+        train_step(model, optimizer, X, Y)
+        jax.tree.map(np.testing.assert_array_equal, arrays(model), before)
+        train_step(model, optimizer, X, Y)  # the second mini-step applies
+    assert not np.array_equal(arrays(model)["up"]["kernel"], before["up"]["kernel"])
+    assert optimizer.to_shardopt().transform.every_k_schedule(0) == 2
+
+
+def test_set_hyperparameters_in_place():
+    model = make_model()
+    optimizer = shardopt.nnx.Optimizer(model, shardopt.adam(1e-2), plan=plan(1))
+    optimizer.set_hyperparameters(learning_rate=0.0)
+    before = arrays(model)
+    with jax.set_mesh(MESH):
+        train_step(model, optimizer, X, Y)
+    jax.tree.map(np.testing.assert_array_equal, arrays(model), before)
+    assert int(optimizer.step[...]) == 1  # the state moved on
+    with pytest.raises(ValueError, match="no hyperparameter named 'lr'"):
+        optimizer.set_hyperparameters(lr=1.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import equinox as eqx
 import jax
 from flax import nnx
 from flax.nnx.training.optimizer import OptArray, OptState
@@ -163,10 +164,16 @@ class Optimizer(nnx.Pytree):
 
     # ------------------------------------------------------------ the core
     def _set_core(self, core: _Core, fresh: bool = False) -> None:
-        arrays = jax.tree.leaves(core.transform)
+        # the transform's array leaves are Variables; its other leaves (a
+        # Python function given as a schedule, say) stay static, by position
+        leaves = jax.tree.leaves(core.transform)
+        arrays = [x for x in leaves if eqx.is_array(x)]
         if fresh:
             self.treedef = jax.tree.structure(core)
-            self.n_hyperparameters = len(arrays)
+            self.constants = tuple(
+                (i, x) for i, x in enumerate(leaves) if not eqx.is_array(x)
+            )
+            self.n_transform_leaves = len(leaves)
             self.hyperparameters = nnx.data([OptArray(x) for x in arrays])
             self.opt_state = nnx.data(jax.tree.map(OptArray, core.state))
             self.step = OptState(core.count)
@@ -189,7 +196,12 @@ class Optimizer(nnx.Pytree):
 
     def to_shardopt(self) -> _Core:
         """The :class:`shardopt.Optimizer` this holds (its current arrays)."""
-        leaves = [v.get_value() for v in self.hyperparameters]
+        arrays = iter(v.get_value() for v in self.hyperparameters)
+        constants = dict(self.constants)
+        leaves = [
+            constants[i] if i in constants else next(arrays)
+            for i in range(self.n_transform_leaves)
+        ]
         leaves += jax.tree.leaves(nnx.as_pure(self.opt_state))
         leaves.append(self.step.get_value())
         return jax.tree.unflatten(self.treedef, leaves)
@@ -198,6 +210,16 @@ class Optimizer(nnx.Pytree):
         """Set this optimizer's arrays from a :class:`shardopt.Optimizer` of the
         same structure (e.g. one restored from a checkpoint)."""
         self._set_core(opt)
+
+    def set_hyperparameters(self, **values: Any) -> None:
+        """Replace hyperparameters by name, in place (``learning_rate=1e-4``).
+
+        As :meth:`shardopt.Optimizer.with_hyperparameters`: the state is kept,
+        and a jitted step does not compile again unless a number becomes a
+        schedule (a new structure; call this outside ``nnx.jit`` then).
+        """
+        core = self.to_shardopt().with_hyperparameters(**values)
+        self._set_core(core, fresh=jax.tree.structure(core) != self.treedef)
 
     # ------------------------------------------------------------ stepping
     def update(self, model: nnx.Module, grads: nnx.State, /, **kwargs: Any) -> None:
