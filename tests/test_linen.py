@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import shardopt
 import shardopt.linen
+from shardopt.checkpoint import CheckpointMismatchError
 
 MESH = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 RULES = [("embed", None), ("mlp", "model")]
@@ -201,3 +202,34 @@ def test_unannotated_params_are_warned_about_and_train():
     assert losses[-1] < losses[0]
     mu = state.opt_state[0].mu["Dense_0"]["kernel"]
     assert mu.sharding.spec == PartitionSpec(None, "data")
+
+
+def test_subclass_fields_are_created_and_checkpointed(tmp_path):
+    class WithStats(shardopt.linen.TrainState):
+        batch_stats: dict
+
+    stats = {"mean": jnp.arange(4.0)}
+    state = WithStats.create(
+        apply_fn=MLP().apply,
+        params=boxed_params(),
+        tx=shardopt.sgd(0.1),
+        plan=plan(1),
+        rules=RULES,
+        batch_stats=stats,
+    )
+    with shardopt.CheckpointManager(tmp_path) as ckpt:
+        shardopt.linen.save(ckpt, 0, state)
+    target = state.replace(batch_stats={"mean": jnp.zeros(4)})
+    with shardopt.CheckpointManager(tmp_path) as ckpt:
+        got, _ = shardopt.linen.restore(ckpt, target)
+    assert isinstance(got, WithStats)
+    np.testing.assert_array_equal(got.batch_stats["mean"], stats["mean"])
+    # another model's checkpoint: the paths that differ are named
+    other = shardopt.linen.TrainState.create(
+        apply_fn=MLP().apply, params={"w": jnp.ones(3)}, tx=shardopt.sgd(0.1)
+    )
+    with (
+        shardopt.CheckpointManager(tmp_path) as ckpt,
+        pytest.raises(CheckpointMismatchError, match="params/Dense_0/kernel"),
+    ):
+        shardopt.linen.restore(ckpt, other)
