@@ -24,18 +24,24 @@ LAYERS = {
     "optimizer": 3,
     "checkpoint": 4,
     "distributed": 4,
+    "integrations": 5,  # _integrations/, and nnx.py / linen.py re-exporting them
 }
 # import name -> distribution name in pyproject's dependencies
 DISTRIBUTIONS = {
     "jax": "jax",
     "equinox": "equinox",
+    "flax": "flax",
     "jaxtyping": "jaxtyping",
     "numpy": "numpy",
     "orbax": "orbax-checkpoint",
     "rich": "rich",
 }
 # the same for what only examples/ imports (the ``examples`` extra)
-EXAMPLE_DISTRIBUTIONS = {"matplotlib": "matplotlib"}
+EXAMPLE_DISTRIBUTIONS = {
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "sklearn": "scikit-learn",
+}
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -66,6 +72,10 @@ def layer(module: str) -> str | None:
         return "transforms" if len(parts) > 2 else None
     if top == "_optimizer":
         return "optimizer"
+    if top in {"nnx", "linen"}:
+        return "integrations"
+    if top == "_integrations":
+        return "integrations" if len(parts) > 2 else None
     if top in {"sharding", "checkpoint", "distributed"}:
         return top if len(parts) > 2 else None
     raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
@@ -190,3 +200,16 @@ def test_every_third_party_import_of_the_examples_is_declared():
     assert not unknown, f"add these to EXAMPLE_DISTRIBUTIONS and pyproject: {unknown}"
     missing = {known[n] for n in third_party} - declared
     assert not missing, f"examples import these, pyproject does not declare: {missing}"
+
+
+def test_import_shardopt_leaves_flax_unimported():
+    # flax.nnx costs ~0.3 s more at import (measured): only shardopt.nnx and
+    # shardopt.linen import it.
+    import subprocess
+
+    code = "import sys, shardopt; print(sorted(m for m in sys.modules if 'flax' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -30,6 +30,7 @@ MODULES = _reference().public_modules()
 def test_the_known_public_modules_are_found():
     names = {module.__name__ for module in MODULES}
     expected = {"shardopt", "shardopt.sharding", "shardopt.checkpoint"}
+    expected |= {"shardopt.nnx", "shardopt.linen"}
     assert expected | {"shardopt.distributed"} <= names, names
 
 
