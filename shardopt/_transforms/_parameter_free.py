@@ -312,7 +312,10 @@ class Prodigy(AbstractTransform):
     learning_rate: Hyperparameter = hyperparameter("learning_rate", NONNEGATIVE)
     b1: Hyperparameter = hyperparameter("betas[0]", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("betas[1]", UNIT_INTERVAL)
-    b3: Hyperparameter | None = eqx.field(converter=_optional_beta3)
+    b3: Hyperparameter | None = eqx.field(
+        converter=_optional_beta3,
+        metadata={"hyperparameter": {"domain": UNIT_INTERVAL}},
+    )
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     estim_lr0: Hyperparameter = hyperparameter("estim_lr0", POSITIVE)
     estim_lr_coef: Hyperparameter = hyperparameter("estim_lr_coef", NONNEGATIVE)
