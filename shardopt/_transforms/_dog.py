@@ -20,10 +20,8 @@ from .._hyperparams import (
 from .._tree_math import add, canonical_dtype, cast, promote, squared_norm
 from ._dtypes import tree_dtype
 
-NO_PARAMS = (
-    "scale_by_distance_over_gradients needs the parameters: call "
-    "update(grads, state, params)."
-)
+NEEDS_PARAMS = "{name} needs the parameters: call update(grads, state, params)."
+NO_PARAMS = NEEDS_PARAMS.format(name="scale_by_distance_over_gradients")
 
 
 def _l2(x: Array) -> Array:
@@ -231,7 +229,7 @@ class ScaleByDoG(AbstractTransform):
         self, grads: Updates, state: DoGState, params: Params | None = None
     ) -> tuple[Updates, DoGState]:
         if params is None:
-            raise ValueError(NO_PARAMS.replace("distance_over_gradients", "dog"))
+            raise ValueError(NEEDS_PARAMS.format(name="dog"))
         eps = resolve(self.eps, state.count, name="eps")
         dtype = state.max_dist.dtype
         distance = jnp.sqrt(squared_norm(jax.tree.map(_sub, state.init_params, params)))
@@ -299,7 +297,7 @@ class ScaleByDoWG(AbstractTransform):
         self, grads: Updates, state: DoWGState, params: Params | None = None
     ) -> tuple[Updates, DoWGState]:
         if params is None:
-            raise ValueError(NO_PARAMS.replace("distance_over_gradients", "dowg"))
+            raise ValueError(NEEDS_PARAMS.format(name="dowg"))
         eps = resolve(self.eps, state.count, name="eps")
         dtype = state.estim_sq_dist.dtype
         distance = squared_norm(jax.tree.map(_sub, state.init_params, params))

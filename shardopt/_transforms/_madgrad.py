@@ -17,7 +17,7 @@ from .._hyperparams import (
     resolve,
 )
 from .._tree_math import add, promote, zeros_like
-from ._dog import copy
+from ._dog import NEEDS_PARAMS, copy
 
 
 class MadgradState(eqx.Module):
@@ -52,10 +52,7 @@ class ScaleByMadgrad(AbstractTransform):
         self, grads: Updates, state: MadgradState, params: Params | None = None
     ) -> tuple[Updates, MadgradState]:
         if params is None:
-            raise ValueError(
-                "scale_by_madgrad needs the parameters: call update(grads, state, "
-                "params)."
-            )
+            raise ValueError(NEEDS_PARAMS.format(name="scale_by_madgrad"))
         count = state.count
         lr = resolve(self.learning_rate, count, name="learning_rate")
         momentum = resolve(self.momentum, count, name="momentum")

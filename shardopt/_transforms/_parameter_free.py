@@ -24,10 +24,8 @@ from .._hyperparams import (
     resolve,
 )
 from .._tree_math import add, promote, vdot, zeros_like
+from ._dog import NEEDS_PARAMS, copy, scalar_dtypes
 from ._dog import _rounded_as as rounded_as
-from ._dog import copy, scalar_dtypes
-
-NO_PARAMS = "{name} needs the parameters: call update(grads, state, params)."
 
 
 def _scaled(scalar: Array, leaf: Array) -> Array:
@@ -128,7 +126,7 @@ class ScaleByCocob(AbstractTransform):
         self, grads: Updates, state: COCOBState, params: Params | None = None
     ) -> tuple[Updates, COCOBState]:
         if params is None:
-            raise ValueError(NO_PARAMS.format(name="scale_by_cocob"))
+            raise ValueError(NEEDS_PARAMS.format(name="scale_by_cocob"))
         alpha = resolve(self.alpha, state.count, name="alpha")
         scale = jax.tree.map(
             lambda s, g: jnp.maximum(s, jnp.abs(g)), state.scale, grads
@@ -215,7 +213,7 @@ class DAdaptAdamW(AbstractTransform):
         self, grads: Updates, state: DAdaptAdamWState, params: Params | None = None
     ) -> tuple[Updates, DAdaptAdamWState]:
         if params is None:
-            raise ValueError(NO_PARAMS.format(name="dadapt_adamw"))
+            raise ValueError(NEEDS_PARAMS.format(name="dadapt_adamw"))
         count = state.count
         dtype = state.estim_lr.dtype
         get = lambda field, name: resolve(field, count, name=name).astype(dtype)
@@ -339,7 +337,7 @@ class Prodigy(AbstractTransform):
         self, grads: Updates, state: ProdigyState, params: Params | None = None
     ) -> tuple[Updates, ProdigyState]:
         if params is None:
-            raise ValueError(NO_PARAMS.format(name="prodigy"))
+            raise ValueError(NEEDS_PARAMS.format(name="prodigy"))
         count = state.count
         dtype = state.estim_lr.dtype
         get = lambda field, name: resolve(field, count, name=name).astype(dtype)
