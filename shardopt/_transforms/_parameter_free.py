@@ -61,12 +61,12 @@ def _settled_zeros(params: Params) -> Updates:
     the leaf's dtype (see :func:`_first_step_rounding`).
     """
     _, high = scalar_dtypes(params)
-    return jax.tree.map(
-        lambda p: jnp.zeros(
-            p.shape, promote(jnp.zeros([], p.dtype), jnp.zeros([], high))[0].dtype
-        ),
-        params,
-    )
+
+    def zeros(p):
+        with jax.numpy_dtype_promotion("standard"):
+            return jnp.zeros(p.shape, jnp.promote_types(p.dtype, high))
+
+    return jax.tree.map(zeros, params)
 
 
 def _first_step_leaf_rounding(count: Array):
@@ -184,7 +184,9 @@ class DAdaptAdamW(AbstractTransform):
     ``v = b2 v + (1 - b2) g^2``, ``s = sqrt(b2) s + (1 - sqrt(b2)) dlr g``;
     ``d = max(d, r / ((1 - sqrt(b2)) ||s||_1))`` with ``r`` the EMA of
     ``dlr <g, s / (sqrt(v) + eps)>``; update ``-wd dlr x - m / (sqrt(v) + eps)``.
-    The scalars are kept in the parameters' highest dtype.
+    The scalars, ``m`` and ``s`` are kept in the parameters' highest dtype
+    (float32 for a bfloat16 leaf in a mixed tree): the dtypes optax's state
+    takes from its second step on.
 
     Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation",
     ICML 2023.
@@ -300,8 +302,10 @@ class Prodigy(AbstractTransform):
     ``s = b3 s + dlr d g / d0`` and ``r = b3 r + (d / d0) dlr <g, x0 - x>``;
     ``d = max(d, coef r / ||s||_1)``; update
     ``-wd dlr x - dlr m / (sqrt(v) + d eps)``. ``b3`` defaults to ``sqrt(b2)``;
-    ``safeguard_warmup`` uses ``d`` instead of ``dlr`` in ``s``. The scalars
-    are kept in the parameters' highest dtype.
+    ``safeguard_warmup`` uses ``d`` instead of ``dlr`` in ``s``. The scalars,
+    ``m``, ``v`` and ``s`` are kept in the parameters' highest dtype (float32 for
+    a bfloat16 leaf in a mixed tree): the dtypes optax's state takes from its
+    second step on.
 
     Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
     Learner", ICML 2024.
