@@ -24,6 +24,18 @@ from ._alias._adaptive_steps import adadelta as adadelta
 from ._alias._adaptive_steps import noisy_sgd as noisy_sgd
 from ._alias._adaptive_steps import polyak_sgd as polyak_sgd
 from ._alias._adaptive_steps import rprop as rprop
+from ._alias._contrib import acprop as acprop
+from ._alias._contrib import ademamix as ademamix
+from ._alias._contrib import adopt as adopt
+from ._alias._contrib import cocob as cocob
+from ._alias._contrib import dadapt_adamw as dadapt_adamw
+from ._alias._contrib import dog as dog
+from ._alias._contrib import dowg as dowg
+from ._alias._contrib import madgrad as madgrad
+from ._alias._contrib import momo as momo
+from ._alias._contrib import momo_adam as momo_adam
+from ._alias._contrib import prodigy as prodigy
+from ._alias._contrib import simplified_ademamix as simplified_ademamix
 from ._alias._factored import adafactor as adafactor
 from ._alias._factored import sm3 as sm3
 from ._alias._rms import adagrad as adagrad
@@ -72,6 +84,8 @@ from ._schedules._warmup import (
 )
 from ._transforms._accumulation import MultiSteps as MultiSteps
 from ._transforms._accumulation import MultiStepsState as MultiStepsState
+from ._transforms._acprop_adopt import scale_by_acprop as scale_by_acprop
+from ._transforms._acprop_adopt import scale_by_adopt as scale_by_adopt
 from ._transforms._adadelta import scale_by_adadelta as scale_by_adadelta
 from ._transforms._adam_family import scale_by_adamax as scale_by_adamax
 from ._transforms._adam_family import scale_by_amsgrad as scale_by_amsgrad
@@ -82,6 +96,14 @@ from ._transforms._adam_variants import scale_by_adan as scale_by_adan
 from ._transforms._adam_variants import scale_by_novograd as scale_by_novograd
 from ._transforms._adam_variants import (
     scale_by_optimistic_gradient as scale_by_optimistic_gradient,
+)
+from ._transforms._ademamix import ScaleByAdemamixState as ScaleByAdemamixState
+from ._transforms._ademamix import (
+    ScaleBySimplifiedAdEMAMixState as ScaleBySimplifiedAdEMAMixState,
+)
+from ._transforms._ademamix import scale_by_ademamix as scale_by_ademamix
+from ._transforms._ademamix import (
+    scale_by_simplified_ademamix as scale_by_simplified_ademamix,
 )
 from ._transforms._averaging import ema as ema
 from ._transforms._averaging import measure_with_ema as measure_with_ema
@@ -101,6 +123,8 @@ from ._transforms._conditional import conditionally_mask as conditionally_mask
 from ._transforms._conditional import conditionally_transform as conditionally_transform
 from ._transforms._conditional import periodic_update as periodic_update
 from ._transforms._decay import add_decayed_weights as add_decayed_weights
+from ._transforms._dog import DoGState as DoGState
+from ._transforms._dog import DoWGState as DoWGState
 from ._transforms._dog import (
     scale_by_distance_over_gradients as scale_by_distance_over_gradients,
 )
@@ -127,11 +151,21 @@ from ._transforms._linesearch import (
 )
 from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
+from ._transforms._madgrad import MadgradState as MadgradState
+from ._transforms._madgrad import scale_by_madgrad as scale_by_madgrad
 from ._transforms._moments import scale_by_adam as scale_by_adam
 from ._transforms._moments import trace as trace
+from ._transforms._momo import MomoAdamState as MomoAdamState
+from ._transforms._momo import MomoState as MomoState
 from ._transforms._noise import add_noise as add_noise
+from ._transforms._normalize import NormalizeState as NormalizeState
 from ._transforms._normalize import centralize as centralize
+from ._transforms._normalize import normalize as normalize
 from ._transforms._normalize import normalize_by_update_norm as normalize_by_update_norm
+from ._transforms._parameter_free import COCOBState as COCOBState
+from ._transforms._parameter_free import DAdaptAdamWState as DAdaptAdamWState
+from ._transforms._parameter_free import ProdigyState as ProdigyState
+from ._transforms._parameter_free import scale_by_cocob as scale_by_cocob
 from ._transforms._partition import NamedChain as NamedChain
 from ._transforms._partition import Partition as Partition
 from ._transforms._partition import PartitionState as PartitionState

@@ -75,10 +75,7 @@ def global_norm(tree: PyTree) -> Array:
 
     Each leaf is summed in its own dtype, then the sums are added in order.
     """
-    total = jnp.zeros([], jnp.int32)
-    for leaf in jax.tree.leaves(tree):
-        total = add(total, jnp.sum(jnp.square(leaf)))
-    return jnp.sqrt(total)
+    return jnp.sqrt(squared_norm(tree))
 
 
 def canonical_dtype(
@@ -111,3 +108,23 @@ def widen(x: Array) -> Array:
     """
     with jax.numpy_dtype_promotion("standard"):
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def squared_norm(tree: PyTree) -> Array:
+    """``sum_i sum(leaf_i ** 2)``: each leaf summed in its own dtype, then the
+    sums added in leaf order (as optax's ``tree.norm(..., squared=True)``)."""
+    total = jnp.zeros([], jnp.int32)
+    for leaf in jax.tree.leaves(tree):
+        total = add(total, jnp.sum(jnp.square(leaf)))
+    return total
+
+
+def vdot(a: PyTree, b: PyTree) -> Array:
+    """``sum_i <a_i, b_i>``: per leaf at the highest matmul precision in the pair's
+    promoted dtype, then the dots added in leaf order (as optax's ``tree.vdot``)."""
+    total = jnp.zeros([], jnp.int32)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = promote(x, y)
+        dot = jnp.tensordot(x, y, x.ndim, precision=jax.lax.Precision.HIGHEST)
+        total = add(total, dot)
+    return total

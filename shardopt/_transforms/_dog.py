@@ -17,12 +17,11 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, canonical_dtype, cast, promote
+from .._tree_math import add, canonical_dtype, cast, promote, squared_norm
+from ._dtypes import tree_dtype
 
-NO_PARAMS = (
-    "scale_by_distance_over_gradients needs the parameters: call "
-    "update(grads, state, params)."
-)
+NEEDS_PARAMS = "{name} needs the parameters: call update(grads, state, params)."
+NO_PARAMS = NEEDS_PARAMS.format(name="scale_by_distance_over_gradients")
 
 
 def _l2(x: Array) -> Array:
@@ -149,3 +148,182 @@ def scale_by_distance_over_gradients(
     return ScaleByDistanceOverGradients(
         reps_rel, eps, global_scale, canonical_dtype(param_dtype, "param_dtype")
     )
+
+
+# --- optax.contrib's DoG and DoWG: one step size for the whole tree -----------
+
+INIT_STEP_TYPES = ("distance", "learning_rate", "heuristic")
+
+
+def scalar_dtypes(params: Params) -> tuple[jnp.dtype, jnp.dtype]:
+    """The parameters' lowest and highest dtypes.
+
+    optax.contrib starts its scalar state (distances, sums) in the lowest dtype
+    and, on a tree that mixes dtypes, it becomes the highest after the first
+    step (a sum over all leaves promotes it). shardopt keeps it in the highest
+    dtype from the start, with the initial value rounded to the lowest: the
+    same numbers, and a state whose dtypes never change.
+    """
+    return tree_dtype(params, "lowest"), tree_dtype(params, "highest")
+
+
+def _scale_tree(rate: Array, grads: Updates) -> Updates:
+    def one(g):
+        r, g = promote(rate, g)
+        return r * g
+
+    return jax.tree.map(one, grads)
+
+
+class DoGState(eqx.Module):
+    count: Array
+    is_init_step: Array  # bool: no step taken yet
+    init_params: Updates  # the starting parameters
+    max_dist: Array  # the largest ||x_t - x_0|| so far (a scalar)
+    sum_sq_norm_grads: Array  # sum over steps of ||g||^2 (a scalar)
+
+
+class ScaleByDoG(AbstractTransform):
+    """DoG over the whole tree: ``u = max_dist / sqrt(sum ||g||^2 + eps) * g``.
+
+    ``max_dist`` is the largest distance ``||x_t - x_0||`` (over all leaves
+    together) so far, starting at ``init_step``: ``("distance", r)`` starts it
+    at ``r``, ``("heuristic", r)`` at ``r (1 + ||x_0||)``, and
+    ``("learning_rate", lr)`` at 0 with ``lr`` as the first step size. The
+    sign is left to the learning rate that follows (see :func:`dog`).
+
+    Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic
+    Step Size Schedule", ICML 2023.
+    """
+
+    init_step_value: Hyperparameter = hyperparameter("init_step_value", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    init_step_type: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.init_step_type not in INIT_STEP_TYPES:
+            raise ValueError(
+                f"init_step's type must be one of {INIT_STEP_TYPES}, got "
+                f"{self.init_step_type!r}"
+            )
+
+    def init(self, params: Params) -> DoGState:
+        low, high = scalar_dtypes(params)
+        value = resolve(self.init_step_value, zero_count(), name="init_step_value")
+        if self.init_step_type == "distance":
+            r = value
+        elif self.init_step_type == "heuristic":
+            norm = jnp.sqrt(squared_norm(params))
+            r = value.astype(norm.dtype) * (1 + norm)
+        else:
+            r = jnp.zeros([], high)
+        return DoGState(
+            zero_count(),
+            jnp.asarray(True),
+            copy(params),
+            r.astype(low).astype(high),
+            jnp.zeros([], high),
+        )
+
+    def update(
+        self, grads: Updates, state: DoGState, params: Params | None = None
+    ) -> tuple[Updates, DoGState]:
+        if params is None:
+            raise ValueError(NEEDS_PARAMS.format(name="dog"))
+        eps = resolve(self.eps, state.count, name="eps")
+        dtype = state.max_dist.dtype
+        distance = jnp.sqrt(squared_norm(jax.tree.map(_sub, state.init_params, params)))
+        max_dist = jnp.maximum(state.max_dist, distance.astype(dtype))
+        sums = state.sum_sq_norm_grads + squared_norm(grads).astype(dtype)
+        rate = max_dist / jnp.sqrt(sums + eps.astype(dtype))
+        if self.init_step_type == "learning_rate":
+            value = resolve(self.init_step_value, state.count, name="init_step_value")
+            rate = jnp.where(state.is_init_step, value.astype(dtype), rate)
+        new_state = DoGState(
+            safe_increment(state.count),
+            jnp.asarray(False),
+            state.init_params,
+            max_dist,
+            sums,
+        )
+        return _scale_tree(rate, grads), new_state
+
+
+def _sub(a: Array, b: Array) -> Array:
+    a, b = promote(a, b)
+    return a - b
+
+
+def copy(tree: Params) -> Params:
+    """A copy of each leaf: a state leaf never shares a buffer with a parameter
+    (donating both would donate one buffer twice)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+class DoWGState(eqx.Module):
+    count: Array
+    init_params: Updates  # the starting parameters
+    weighted_sq_norm_grads: Array  # sum over steps of r_t^2 ||g_t||^2 (a scalar)
+    estim_sq_dist: Array  # r_t^2: the largest ||x_t - x_0||^2 so far (a scalar)
+
+
+class ScaleByDoWG(AbstractTransform):
+    """DoWG: ``u = r^2 / (sqrt(sum_t r_t^2 ||g_t||^2) + eps) * g``.
+
+    ``r^2`` is the largest squared distance ``||x_t - x_0||^2`` so far, starting
+    at ``init_estim_sq_dist`` (``eps`` when None). The sign is left to the
+    learning rate that follows (see :func:`dowg`).
+
+    Khaled, Mishchenko & Jin, "DoWG Unleashed: An Efficient Universal
+    Parameter-Free Gradient Descent Method", NeurIPS 2023.
+    """
+
+    init_estim_sq_dist: Hyperparameter = hyperparameter(
+        "init_estim_sq_dist", NONNEGATIVE
+    )
+    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+
+    def init(self, params: Params) -> DoWGState:
+        low, high = scalar_dtypes(params)
+        r2 = resolve(self.init_estim_sq_dist, zero_count(), name="init_estim_sq_dist")
+        return DoWGState(
+            zero_count(),
+            copy(params),
+            jnp.zeros([], high),
+            r2.astype(low).astype(high),
+        )
+
+    def update(
+        self, grads: Updates, state: DoWGState, params: Params | None = None
+    ) -> tuple[Updates, DoWGState]:
+        if params is None:
+            raise ValueError(NEEDS_PARAMS.format(name="dowg"))
+        eps = resolve(self.eps, state.count, name="eps")
+        dtype = state.estim_sq_dist.dtype
+        distance = squared_norm(jax.tree.map(_sub, state.init_params, params))
+        r2 = jnp.maximum(state.estim_sq_dist, distance.astype(dtype))
+        weighted = r2 * squared_norm(grads).astype(dtype) + state.weighted_sq_norm_grads
+        rate = r2 / (jnp.sqrt(weighted) + eps.astype(dtype))
+        new_state = DoWGState(
+            safe_increment(state.count), state.init_params, weighted, r2
+        )
+        return _scale_tree(rate, grads), new_state
+
+
+def scale_by_dog(
+    init_step: tuple[str, ScalarOrSchedule] = ("heuristic", 1e-6),
+    eps: ScalarOrSchedule = 1e-8,
+) -> ScaleByDoG:
+    """Rescale updates by global DoG's step size (unsigned)."""
+    init_step_type, init_step_value = init_step
+    return ScaleByDoG(init_step_value, eps, init_step_type)
+
+
+def scale_by_dowg(
+    init_estim_sq_dist: ScalarOrSchedule | None = None,
+    eps: ScalarOrSchedule = 1e-4,
+) -> ScaleByDoWG:
+    """Rescale updates by DoWG's step size (unsigned)."""
+    if init_estim_sq_dist is None:
+        init_estim_sq_dist = eps
+    return ScaleByDoWG(init_estim_sq_dist, eps)

@@ -8,6 +8,7 @@ from jaxtyping import Array
 from .._base import (
     AbstractCountingTransform,
     AbstractStatelessTransform,
+    EmptyState,
     Params,
     Updates,
 )
@@ -83,3 +84,33 @@ def normalize_by_update_norm(
     descent step on its own.
     """
     return NormalizeByUpdateNorm(scale_factor, eps)
+
+
+NormalizeState = EmptyState
+"""The state of :func:`normalize`: nothing (optax.contrib's name for it)."""
+
+
+class Normalize(AbstractStatelessTransform):
+    """Divide the updates by their global norm: ``u = g / ||g||``.
+
+    No epsilon, as optax.contrib (a zero gradient gives NaN): SAM's adversarial
+    direction. Each quotient is in the leaf's dtype promoted with the norm's.
+
+    Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for
+    Efficiently Improving Generalization", ICLR 2021.
+    """
+
+    def apply(self, grads: Updates, params: Params | None) -> Updates:
+        del params
+        norm = global_norm(grads)
+
+        def one(g):
+            g, n = promote(g, norm)
+            return g / n
+
+        return jax.tree.map(one, grads)
+
+
+def normalize() -> Normalize:
+    """Scale the updates to unit global norm, ``g / ||g||`` (optax.contrib's)."""
+    return Normalize()

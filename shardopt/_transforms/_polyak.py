@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike
+from jaxtyping import ArrayLike
 
 from .._base import (
     AbstractTransform,
@@ -25,19 +25,11 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, promote
+from .._tree_math import promote, squared_norm
 
 VARIANTS = ("sps", "sps+")
 # optax's threshold below which the squared norm counts as zero: float64's eps.
 _TINY = float(np.finfo(float).eps)
-
-
-def squared_global_norm(tree: Updates) -> Array:
-    """``sum_i sum(leaf_i ** 2)``, each leaf summed in its own dtype, in order."""
-    total = jnp.zeros([], jnp.int32)
-    for leaf in jax.tree.leaves(tree):
-        total = add(total, jnp.sum(jnp.square(leaf)))
-    return total
 
 
 class ScaleByPolyak(AbstractTransform):
@@ -88,7 +80,7 @@ class ScaleByPolyak(AbstractTransform):
         f_min = resolve(self.f_min, count, name="f_min")
         max_rate = resolve(self.max_learning_rate, count, name="max_learning_rate")
         eps = resolve(self.eps, count, name="eps")
-        norm = squared_global_norm(grads)
+        norm = squared_norm(grads)
         value = jnp.asarray(value)
         if value.shape != ():
             raise ValueError(f"value must be a scalar loss, got shape {value.shape}")
