@@ -167,28 +167,31 @@ class Optimizer(eqx.Module):
 
 
 def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:
-    """``value_fn`` and ``obj_fn`` as transforms call them: on the trainable
-    leaves (``None`` elsewhere), given back the rest of ``params`` (an Equinox
-    model's functions, integer buffers) before they are evaluated."""
+    """``value_fn``, ``obj_fn`` and ``grad_fn`` as transforms call them: on the
+    trainable leaves (``None`` elsewhere), given back the rest of ``params``
+    (an Equinox model's functions, integer buffers) before they are evaluated;
+    ``grad_fn``'s gradients come back with the trainable leaves only."""
     if not any(extra_args.get(name) is not None for name in OBJECTIVES):
         return extra_args
     rest = jax.tree.map(lambda x: None if is_trainable(x) else x, params)
     out = dict(extra_args)
-    for name in OBJECTIVES:  # optax's line search's, Sophia's Hessian estimate's
+    for name in OBJECTIVES:  # optax's line search's, Sophia's, SAM's
         fn = extra_args.get(name)
         if fn is not None:
-            out[name] = _on_whole(fn, rest)
+            out[name] = _on_whole(fn, rest, name == "grad_fn")
     return out
 
 
-# the extra arguments that are functions of the parameters
-OBJECTIVES = ("value_fn", "obj_fn")
+# the extra arguments that are functions of the parameters (grad_fn returns
+# gradients, of which the trainable leaves are kept)
+OBJECTIVES = ("value_fn", "obj_fn", "grad_fn")
 
 
-def _on_whole(fn: Any, rest: Params) -> Any:
+def _on_whole(fn: Any, rest: Params, returns_grads: bool) -> Any:
     @functools.wraps(fn)  # keeps its signature: keywords are matched to it
     def on_whole(trained, *args, **kwargs):
-        return fn(eqx.combine(trained, rest), *args, **kwargs)
+        out = fn(eqx.combine(trained, rest), *args, **kwargs)
+        return trainable(out) if returns_grads else out
 
     return on_whole
 

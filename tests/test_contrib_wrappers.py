@@ -453,3 +453,46 @@ def test_galore_bad_dimension_numbers():
         shardopt.Optimizer(shardopt.galore(0.1, weight_dimension_numbers=dims), params)
     with pytest.raises(ValueError, match="`rank` must be positive"):
         shardopt.galore(0.1, rank=0)
+
+
+# ------------------------------------------------------------------ hyperparameters
+def test_schedule_free_learning_rate_is_one_leaf_for_base_and_weights():
+    params = {"w": jnp.ones(3)}
+    opt = shardopt.Optimizer(shardopt.schedule_free_adamw(0.1), params)
+    opt = opt.with_hyperparameters(learning_rate=0.05, b1=0.5)
+    assert float(opt.transform.learning_rate) == pytest.approx(0.05)
+    assert float(opt.transform.base_optimizer.transforms[-1].learning_rate) == (
+        pytest.approx(0.05)
+    )
+    assert float(opt.transform.b1) == 0.5
+    assert opt.transform.learning_rate.dtype == jnp.float32
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="num_betas must be >= 1"):
+        shardopt.mechanize(shardopt.sgd(1.0), num_betas=0)
+    with pytest.raises(ValueError, match="s_init must be > 0"):
+        shardopt.mechanize(shardopt.sgd(1.0), s_init=0.0)
+    with pytest.raises(ValueError, match="sync_period must be >= 1"):
+        shardopt.sam(shardopt.sgd(1.0), shardopt.sgd(1.0), sync_period=0)
+    with pytest.raises(TypeError, match="sam's adv_optimizer"):
+        shardopt.sam(shardopt.sgd(1.0), "sgd")
+    with pytest.raises(ValueError, match="update_interval must be >= 1"):
+        shardopt.sophia(0.1, update_interval=0)
+    with pytest.raises(ValueError, match="clip_threshold must be > 0"):
+        shardopt.sophia(0.1, clip_threshold=-1.0)
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 0"):
+        shardopt.dpsgd(0.1, 1.0, -0.5, 0)
+    with pytest.raises(TypeError, match="key must be a PRNG key or an integer"):
+        shardopt.differentially_private_aggregate(1.0, 0.5, "seed")
+
+
+def test_sam_opaque_grad_fn_sees_an_equinox_model_whole():
+    model = eqx.nn.MLP(3, 1, 4, 1, key=jax.random.key(0))
+    x = jnp.ones((4, 3))
+    loss = lambda m: jnp.sum(jax.vmap(m)(x) ** 2)
+    grad_fn = lambda m, _: eqx.filter_grad(loss)(m)
+    opt = shardopt.Optimizer(_sam_pair(shardopt, shardopt), model)
+    step = eqx.filter_jit(lambda m, o: o.step(m, grad_fn(m, 0), grad_fn=grad_fn))
+    new, opt = step(model, opt)
+    assert float(loss(new)) < float(loss(model))
