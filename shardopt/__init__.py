@@ -38,13 +38,18 @@ from ._alias._contrib import prodigy as prodigy
 from ._alias._contrib import simplified_ademamix as simplified_ademamix
 from ._alias._factored import adafactor as adafactor
 from ._alias._factored import sm3 as sm3
+from ._alias._galore import galore as galore
+from ._alias._privacy import dpsgd as dpsgd
 from ._alias._rms import adagrad as adagrad
 from ._alias._rms import rmsprop as rmsprop
+from ._alias._schedule_free import schedule_free_adamw as schedule_free_adamw
+from ._alias._schedule_free import schedule_free_sgd as schedule_free_sgd
 from ._alias._second_order import lbfgs as lbfgs
 from ._alias._sgd import sgd as sgd
 from ._alias._sign import lion as lion
 from ._alias._sign import sign_sgd as sign_sgd
 from ._alias._sign import signum as signum
+from ._alias._sophia import sophia as sophia
 from ._alias._trust_ratio import fromage as fromage
 from ._alias._trust_ratio import lamb as lamb
 from ._alias._trust_ratio import lars as lars
@@ -118,6 +123,10 @@ from ._transforms._combinators import Masked as Masked
 from ._transforms._combinators import MaskedState as MaskedState
 from ._transforms._combinators import chain as chain
 from ._transforms._combinators import masked as masked
+from ._transforms._complex import (
+    SplitRealAndImaginaryState as SplitRealAndImaginaryState,
+)
+from ._transforms._complex import split_real_and_imaginary as split_real_and_imaginary
 from ._transforms._conditional import apply_every as apply_every
 from ._transforms._conditional import conditionally_mask as conditionally_mask
 from ._transforms._conditional import conditionally_transform as conditionally_transform
@@ -133,6 +142,9 @@ from ._transforms._finite import apply_if_finite as apply_if_finite
 from ._transforms._finite import skip_large_updates as skip_large_updates
 from ._transforms._finite import skip_not_finite as skip_not_finite
 from ._transforms._finite import zero_nans as zero_nans
+from ._transforms._galore import GaLoreDimensionNumbers as GaLoreDimensionNumbers
+from ._transforms._galore import GaLoreState as GaLoreState
+from ._transforms._galore import scale_by_galore as scale_by_galore
 from ._transforms._groups import Group as Group
 from ._transforms._groups import GroupsState as GroupsState
 from ._transforms._groups import ParamGroups as ParamGroups
@@ -153,6 +165,8 @@ from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
 from ._transforms._madgrad import MadgradState as MadgradState
 from ._transforms._madgrad import scale_by_madgrad as scale_by_madgrad
+from ._transforms._mechanic import MechanicState as MechanicState
+from ._transforms._mechanic import mechanize as mechanize
 from ._transforms._moments import scale_by_adam as scale_by_adam
 from ._transforms._moments import trace as trace
 from ._transforms._momo import MomoAdamState as MomoAdamState
@@ -185,16 +199,34 @@ from ._transforms._per_example import (
 from ._transforms._plateau import ReduceLROnPlateauState as ReduceLROnPlateauState
 from ._transforms._plateau import reduce_on_plateau as reduce_on_plateau
 from ._transforms._polyak import scale_by_polyak as scale_by_polyak
+from ._transforms._privacy import (
+    DifferentiallyPrivateAggregateState as DifferentiallyPrivateAggregateState,
+)
+from ._transforms._privacy import (
+    differentially_private_aggregate as differentially_private_aggregate,
+)
 from ._transforms._rms import scale_by_rms as scale_by_rms
 from ._transforms._rms import scale_by_rss as scale_by_rss
 from ._transforms._rms import scale_by_stddev as scale_by_stddev
 from ._transforms._rprop import scale_by_rprop as scale_by_rprop
+from ._transforms._sam import SAMState as SAMState
+from ._transforms._sam import sam as sam
 from ._transforms._scale import scale as scale
 from ._transforms._scale import scale_by_learning_rate as scale_by_learning_rate
 from ._transforms._scale import scale_by_schedule as scale_by_schedule
+from ._transforms._schedule_free import ScheduleFreeState as ScheduleFreeState
+from ._transforms._schedule_free import schedule_free as schedule_free
+from ._transforms._schedule_free import (
+    schedule_free_eval_params as schedule_free_eval_params,
+)
 from ._transforms._sign import scale_by_lion as scale_by_lion
 from ._transforms._sign import scale_by_sign as scale_by_sign
 from ._transforms._sm3 import scale_by_sm3 as scale_by_sm3
+from ._transforms._sophia import HutchinsonState as HutchinsonState
+from ._transforms._sophia import SophiaState as SophiaState
+from ._transforms._sophia import (
+    hutchinson_estimator_diag_hessian as hutchinson_estimator_diag_hessian,
+)
 from ._transforms._structural import flatten as flatten
 from ._transforms._structural import keep_params_nonnegative as keep_params_nonnegative
 from ._transforms._structural import scale_gradient as scale_gradient

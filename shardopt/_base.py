@@ -43,6 +43,12 @@ class AbstractTransform(eqx.Module):
 
     takes_extra_args: ClassVar[bool] = False
 
+    def expects_per_example_grads(self) -> bool:
+        """True if ``update`` takes one gradient per example (a leading batch
+        dim on every leaf), as differentially private aggregation does; then
+        ``Optimizer.step`` checks the gradients for that shape instead."""
+        return False
+
     @abc.abstractmethod
     def init(self, params: Params) -> State:
         """Return the initial state for ``params`` (arrays or ShapeDtypeStructs)."""

@@ -26,7 +26,12 @@ from ._hyperparams import (
 )
 from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
-from ._tree import check_grads_match, is_trainable, trainable
+from ._tree import (
+    check_grads_match,
+    check_per_example_grads_match,
+    is_trainable,
+    trainable,
+)
 from .sharding._plan import ShardingPlan
 
 
@@ -105,16 +110,21 @@ class Optimizer(eqx.Module):
         parameter layout (an all-gather for stages 1-2) before it is added.
         """
         tp = trainable(params)
-        check_grads_match(grads, tp)
+        per_example = self.transform.expects_per_example_grads()
+        if per_example:
+            check_per_example_grads_match(grads, tp)
+        else:
+            check_grads_match(grads, tp)
         grads = trainable(grads)
         plan = self.plan
         if plan is not None:
             plan.check_on_mesh(tp, "parameter")
             plan.check_on_mesh(grads, "gradient")
             mirror = plan._to_shardings(plan.mirror_specs(tp))
-            grads = plan.constrain(
-                plan.constrain(grads, plan.grad_shardings(tp)), mirror
-            )
+            if not per_example:  # per-example ones keep their (batch) layout
+                grads = plan.constrain(
+                    plan.constrain(grads, plan.grad_shardings(tp)), mirror
+                )
             tp = plan.constrain(tp, mirror)
         extra_args = _objective_on_whole(extra_args, params)
         updates, state = update_with_extra_args(
@@ -191,19 +201,33 @@ class Optimizer(eqx.Module):
 
 
 def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:
-    """``value_fn`` as transforms call it: on the trainable leaves (``None``
-    elsewhere), given back the rest of ``params`` (an Equinox model's
-    functions, integer buffers) before it is evaluated."""
-    value_fn = extra_args.get("value_fn")
-    if value_fn is None:
+    """``value_fn``, ``obj_fn`` and ``grad_fn`` as transforms call them: on the
+    trainable leaves (``None`` elsewhere), given back the rest of ``params``
+    (an Equinox model's functions, integer buffers) before they are evaluated;
+    ``grad_fn``'s gradients come back with the trainable leaves only."""
+    if not any(extra_args.get(name) is not None for name in OBJECTIVES):
         return extra_args
     rest = jax.tree.map(lambda x: None if is_trainable(x) else x, params)
+    out = dict(extra_args)
+    for name in OBJECTIVES:  # optax's line search's, Sophia's, SAM's
+        fn = extra_args.get(name)
+        if fn is not None:
+            out[name] = _on_whole(fn, rest, name == "grad_fn")
+    return out
 
-    @functools.wraps(value_fn)  # keeps its signature: keywords are matched to it
+
+# the extra arguments that are functions of the parameters (grad_fn returns
+# gradients, of which the trainable leaves are kept)
+OBJECTIVES = ("value_fn", "obj_fn", "grad_fn")
+
+
+def _on_whole(fn: Any, rest: Params, returns_grads: bool) -> Any:
+    @functools.wraps(fn)  # keeps its signature: keywords are matched to it
     def on_whole(trained, *args, **kwargs):
-        return value_fn(eqx.combine(trained, rest), *args, **kwargs)
+        out = fn(eqx.combine(trained, rest), *args, **kwargs)
+        return trainable(out) if returns_grads else out
 
-    return {**extra_args, "value_fn": on_whole}
+    return on_whole
 
 
 def _init_sharded(

@@ -72,6 +72,37 @@ def check_grads_match(grads: PyTree, params: PyTree) -> None:
             )
 
 
+def check_per_example_grads_match(grads: PyTree, params: PyTree) -> None:
+    """Raise unless each gradient is its parameter's shape with one leading
+    batch dim, the same batch size for all, and the parameter's dtype."""
+    params, grads = trainable(params), trainable(grads)
+    expected, got = leaf_paths(params), leaf_paths(grads)
+    if jax.tree.structure(grads) != jax.tree.structure(params):
+        missing = ", ".join(sorted(set(expected) - set(got))) or "none"
+        extra = ", ".join(sorted(set(got) - set(expected))) or "none"
+        raise ValueError(
+            "per-example grads are not laid out like the trainable parameters "
+            f"(missing: {missing}; not among the parameters: {extra})"
+        )
+    batch = None
+    for path, param in expected.items():
+        grad = got[path]
+        size = grad.shape[0] if grad.ndim == len(param.shape) + 1 else None
+        if size is None or grad.shape[1:] != param.shape or grad.dtype != param.dtype:
+            raise ValueError(
+                f"this optimizer takes per-example gradients: the gradient at {path} "
+                f"must be {jnp.dtype(param.dtype).name}[batch,"
+                f"{','.join(str(d) for d in param.shape)}] (one row per example, "
+                f"e.g. from jax.vmap(jax.grad(loss))), got {describe(grad)}"
+            )
+        if batch is not None and size != batch:
+            raise ValueError(
+                f"per-example gradients disagree on the batch size: {batch} "
+                f"elsewhere, {size} at {path}"
+            )
+        batch = size
+
+
 def _buffers(x: jax.Array) -> list[tuple[int, int]]:
     return [
         (shard.device.id, shard.data.unsafe_buffer_pointer())

@@ -128,3 +128,26 @@ def vdot(a: PyTree, b: PyTree) -> Array:
         dot = jnp.tensordot(x, y, x.ndim, precision=jax.lax.Precision.HIGHEST)
         total = add(total, dot)
     return total
+
+
+def lowest_dtype(tree: PyTree) -> jnp.dtype:
+    """The lowest dtype of the leaves: the one every other leaf's promotes from.
+
+    optax keeps the scalars of some wrappers (Mechanic's scale, Schedule-Free's
+    weights) in this dtype, so a tree that mixes bfloat16 and float32 gets
+    bfloat16 scalars. Raises naming both dtypes when neither promotes to the other.
+    """
+    dtypes = [jnp.dtype(x.dtype) for x in jax.tree.leaves(tree)]
+    if not dtypes:
+        return jnp.dtype(jnp.float32)
+
+    def lower(a: jnp.dtype, b: jnp.dtype) -> jnp.dtype:
+        with jax.numpy_dtype_promotion("standard"):
+            promoted = jnp.promote_types(a, b)
+        if promoted == a:
+            return b
+        if promoted == b:
+            return a
+        raise ValueError(f"the parameters' dtypes {a} and {b} have no lower one")
+
+    return functools.reduce(lower, dtypes)

@@ -23,6 +23,10 @@ class Chain(AbstractTransform):
     transforms: tuple[AbstractTransform, ...]
     takes_extra_args = True
 
+    def expects_per_example_grads(self) -> bool:
+        # the first transform sees the gradients as given
+        return bool(self.transforms) and self.transforms[0].expects_per_example_grads()
+
     def init(self, params: Params) -> tuple[State, ...]:
         return tuple(t.init(params) for t in self.transforms)
 

@@ -26,7 +26,7 @@ def _check_bound(value: ArrayLike, name: str) -> None:
         raise ValueError(f"{name} must be >= 0 (inf allowed), got {value!r}")
 
 
-def _check_batched(grads: PyTree, name: str) -> list[Array]:
+def check_batched(grads: PyTree, name: str) -> list[Array]:
     leaves = jax.tree.leaves(grads)
     if not leaves:
         raise ValueError(f"{name} needs at least one gradient array")
@@ -57,7 +57,7 @@ def per_example_global_norm_clip(
     Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
     """
     _check_bound(l2_norm_clip, "l2_norm_clip")
-    _check_batched(grads, "per_example_global_norm_clip")
+    check_batched(grads, "per_example_global_norm_clip")
     grads = jax.tree.map(_float, grads)
     norms = jax.vmap(global_norm)(grads)
     bound = jnp.asarray(l2_norm_clip)
@@ -89,7 +89,7 @@ def per_example_layer_norm_clip(
     Models", ICLR 2018.
     """
     _check_bound(global_l2_norm_clip, "global_l2_norm_clip")
-    leaves = _check_batched(grads, "per_example_layer_norm_clip")
+    leaves = check_batched(grads, "per_example_layer_norm_clip")
     if uniform:
         fractions = jax.tree.map(lambda _: 1.0 / len(leaves), grads)
     else:
