@@ -26,6 +26,7 @@ from ._alias._adaptive_steps import polyak_sgd as polyak_sgd
 from ._alias._adaptive_steps import rprop as rprop
 from ._alias._factored import adafactor as adafactor
 from ._alias._factored import sm3 as sm3
+from ._alias._matrix import muon as muon
 from ._alias._rms import adagrad as adagrad
 from ._alias._rms import rmsprop as rmsprop
 from ._alias._second_order import lbfgs as lbfgs
@@ -123,6 +124,10 @@ from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
 from ._transforms._moments import scale_by_adam as scale_by_adam
 from ._transforms._moments import trace as trace
+from ._transforms._muon import MuonDimensionNumbers as MuonDimensionNumbers
+from ._transforms._muon import MuonState as MuonState
+from ._transforms._muon import scale_by_muon as scale_by_muon
+from ._transforms._muon import scale_by_shape as scale_by_shape
 from ._transforms._noise import add_noise as add_noise
 from ._transforms._normalize import centralize as centralize
 from ._transforms._normalize import normalize_by_update_norm as normalize_by_update_norm
