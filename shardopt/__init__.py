@@ -27,6 +27,8 @@ from ._alias._adaptive_steps import rprop as rprop
 from ._alias._factored import adafactor as adafactor
 from ._alias._factored import sm3 as sm3
 from ._alias._matrix import muon as muon
+from ._alias._matrix import shampoo as shampoo
+from ._alias._matrix import soap as soap
 from ._alias._rms import adagrad as adagrad
 from ._alias._rms import rmsprop as rmsprop
 from ._alias._second_order import lbfgs as lbfgs
@@ -156,9 +158,13 @@ from ._transforms._rprop import scale_by_rprop as scale_by_rprop
 from ._transforms._scale import scale as scale
 from ._transforms._scale import scale_by_learning_rate as scale_by_learning_rate
 from ._transforms._scale import scale_by_schedule as scale_by_schedule
+from ._transforms._shampoo import ShampooState as ShampooState
+from ._transforms._shampoo import scale_by_shampoo as scale_by_shampoo
 from ._transforms._sign import scale_by_lion as scale_by_lion
 from ._transforms._sign import scale_by_sign as scale_by_sign
 from ._transforms._sm3 import scale_by_sm3 as scale_by_sm3
+from ._transforms._soap import SoapState as SoapState
+from ._transforms._soap import scale_by_soap as scale_by_soap
 from ._transforms._structural import flatten as flatten
 from ._transforms._structural import keep_params_nonnegative as keep_params_nonnegative
 from ._transforms._structural import scale_gradient as scale_gradient

@@ -132,4 +132,13 @@ ROWS = [
     ),
 ]
 
-ELSEWHERE: dict[str, str] = {}
+_SECOND_ORDER = (
+    "tests/test_matrix.py (no optax oracle: convergence on a quadratic, on "
+    "Rosenbrock and on a small MLP; ZeRO stages 0-3 on 8 devices; collectives)"
+)
+ELSEWHERE: dict[str, str] = {
+    "shampoo": _SECOND_ORDER,
+    "scale_by_shampoo": _SECOND_ORDER,
+    "soap": _SECOND_ORDER,
+    "scale_by_soap": _SECOND_ORDER,
+}

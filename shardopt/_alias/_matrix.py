@@ -1,4 +1,4 @@
-"""The matrix optimizers: Muon (with its AdamW fallback), Shampoo and SOAP."""
+"""The matrix optimizers, each with an AdamW fallback: Muon, Shampoo and SOAP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Literal
 import jax
 from jax.typing import DTypeLike
 
+from .._base import AbstractTransform
 from .._hyperparams import ScalarOrSchedule
 from .._transforms._combinators import chain
 from .._transforms._decay import add_decayed_weights
@@ -21,6 +22,8 @@ from .._transforms._muon import (
 )
 from .._transforms._partition import Partition
 from .._transforms._scale import scale_by_learning_rate
+from .._transforms._shampoo import scale_by_shampoo
+from .._transforms._soap import scale_by_soap
 from ._adam import adamw
 from ._types import Mask
 
@@ -110,3 +113,99 @@ def muon(
         MuonLabels(dims),
         allow_unused=True,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixLabels:
+    """``label`` for the 2-D leaves, ``"adam"`` for the rest."""
+
+    label: str
+
+    def __call__(self, params: Any) -> Any:
+        return jax.tree.map(lambda x: self.label if x.ndim == 2 else "adam", params)
+
+
+def _with_adam_fallback(
+    label: str, matrices: AbstractTransform, rest: AbstractTransform
+) -> Partition:
+    return Partition(
+        (label, "adam"), (matrices, rest), MatrixLabels(label), allow_unused=True
+    )
+
+
+def shampoo(
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule = 0.9,
+    b2: ScalarOrSchedule = 0.999,
+    eps: ScalarOrSchedule = 1e-6,
+    weight_decay: ScalarOrSchedule = 0.0,
+    weight_decay_mask: Mask = None,
+    *,
+    adam_eps: ScalarOrSchedule = 1e-8,
+    adam_weight_decay: ScalarOrSchedule = 0.0,
+    adam_learning_rate: ScalarOrSchedule | None = None,
+) -> Partition:
+    """Shampoo for the matrices (grafted to RMSProp), AdamW for the rest.
+
+    The 2-D leaves get :func:`scale_by_shampoo` (``b1`` momentum, ``b2`` the
+    factors' and the grafting's decay, ``eps`` the factors' regularizer,
+    ``adam_eps`` the grafting's), weight decay and the learning
+    rate; every other leaf ``adamw(adam_learning_rate or learning_rate, b1,
+    b2, adam_eps, weight_decay=adam_weight_decay)``. Under a plan each device
+    computes the inverse roots of whole matrices, its share of them.
+
+    Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor
+    Optimization", ICML 2018; Anil et al., "Scalable Second Order
+    Optimization for Deep Learning", 2020.
+    """
+    matrices = chain(
+        scale_by_shampoo(b1, b2, eps, adam_eps),
+        add_decayed_weights(weight_decay, weight_decay_mask),
+        scale_by_learning_rate(learning_rate),
+    )
+    rest = adamw(
+        learning_rate if adam_learning_rate is None else adam_learning_rate,
+        b1,
+        b2,
+        adam_eps,
+        weight_decay=adam_weight_decay,
+    )
+    return _with_adam_fallback("shampoo", matrices, rest)
+
+
+def soap(
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule = 0.95,
+    b2: ScalarOrSchedule = 0.95,
+    shampoo_beta: ScalarOrSchedule | None = None,
+    eps: ScalarOrSchedule = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    weight_decay_mask: Mask = None,
+    precondition_frequency: int = 10,
+    *,
+    adam_weight_decay: ScalarOrSchedule = 0.0,
+    adam_learning_rate: ScalarOrSchedule | None = None,
+) -> Partition:
+    """SOAP for the matrices (Adam in Shampoo's eigenbasis), AdamW for the rest.
+
+    The 2-D leaves get :func:`scale_by_soap`, weight decay and the learning
+    rate; every other leaf ``adamw(adam_learning_rate or learning_rate, b1,
+    b2, eps, weight_decay=adam_weight_decay)`` (SOAP on a vector is Adam).
+    Under a plan each device computes the eigenbases of whole matrices, its
+    share of them.
+
+    Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
+    """
+    matrices = chain(
+        scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency),
+        add_decayed_weights(weight_decay, weight_decay_mask),
+        scale_by_learning_rate(learning_rate),
+    )
+    rest = adamw(
+        learning_rate if adam_learning_rate is None else adam_learning_rate,
+        b1,
+        b2,
+        eps,
+        weight_decay=adam_weight_decay,
+    )
+    return _with_adam_fallback("soap", matrices, rest)

@@ -66,8 +66,9 @@ class AbstractMatrixLayout(abc.ABC):
         """``stack`` laid out with its leading axis over all the devices."""
 
     @abc.abstractmethod
-    def stacked(self, stack: Array, spec: Spec) -> Array:
-        """``stack`` laid out as a stack of leaves of layout ``spec``."""
+    def stacked(self, stack: Array, spec: Spec | None) -> Array:
+        """``stack`` laid out as a stack of leaves of layout ``spec`` (None:
+        replicated)."""
 
     @abc.abstractmethod
     def place(self, leaf: Array, spec: Spec) -> Array:
@@ -107,7 +108,8 @@ class Item:
 
     @property
     def key(self) -> tuple:
-        return tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in self.inputs)
+        shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in self.inputs)
+        return shapes, self.out_specs
 
 
 def per_matrix(
@@ -115,12 +117,15 @@ def per_matrix(
 ) -> list[tuple[Array, ...]]:
     """``fn(*item.inputs)`` for every item, computed one stack per input shape.
 
-    Items whose inputs have equal shapes and dtypes share one ``jax.vmap(fn)``
-    over their stacked inputs. Under an Optimizer with a plan, a stack with a
-    partitioned input is spread over the devices (:meth:`AbstractMatrixLayout.spread`,
-    zero-padded to a multiple of their number) and each output goes back to
-    its item's layout; a stack of replicated matrices is computed where it is,
-    with no collective (every device already holds every matrix).
+    Items whose inputs have equal shapes and dtypes (and whose outputs are
+    stored alike) share one ``jax.vmap(fn)`` over their stacked inputs. Under
+    an Optimizer with a plan, a stack with a partitioned input or output is
+    spread over the devices (:meth:`AbstractMatrixLayout.spread`, zero-padded
+    to a multiple of their number) and each output stack goes back to its
+    items' layout in one move (an output with no layout, None, is gathered:
+    the path of leaves reshaped into matrices, whose layout does not carry
+    over to the matrices); a stack of replicated matrices is computed where
+    it is, with no collective (every device already holds every matrix).
     """
     layout = current_matrix_layout()
     groups: dict[tuple, list[int]] = {}
@@ -146,31 +151,13 @@ def per_matrix(
             ]
         results = jax.vmap(fn)(*stacks)
         if spread:
+            # pinned to the spread layout first: else XLA moves the result's
+            # last terms before they are added (one all-to-all each)
+            specs = group[0].out_specs
             results = tuple(
-                _back(layout, r[:n], group, j) for j, r in enumerate(results)
+                layout.stacked(layout.spread(r), s)[:n]
+                for r, s in zip(results, specs, strict=True)
             )
         for k, i in enumerate(members):
             out[i] = tuple(r[k] for r in results)
-        if spread:
-            for k, i in enumerate(members):
-                out[i] = tuple(
-                    x
-                    if s is None or _common(group, j) is not None
-                    else layout.place(x, s)
-                    for j, (x, s) in enumerate(
-                        zip(out[i], group[k].out_specs, strict=True)
-                    )
-                )
     return out  # type: ignore[return-value]
-
-
-def _common(group: Sequence[Item], j: int) -> Spec:
-    specs = {it.out_specs[j] for it in group}
-    return next(iter(specs)) if len(specs) == 1 else None
-
-
-def _back(layout: AbstractMatrixLayout, result: Array, group, j: int) -> Array:
-    """Output ``j``'s stack, laid out as its leaves are stored when they agree
-    (one all-to-all for the stack); else left for each leaf to be placed."""
-    spec = _common(group, j)
-    return result if spec is None else layout.stacked(result, spec)

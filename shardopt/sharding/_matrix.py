@@ -52,9 +52,8 @@ class PlanMatrixLayout(AbstractMatrixLayout):
         return self.plan.constrain(stack, self.plan.sharding(spec))
 
     def stacked(self, stack: Array, spec: Any) -> Array:
-        return self.plan.constrain(
-            stack, self.plan.sharding(PartitionSpec(None, *spec))
-        )
+        spec = PartitionSpec() if spec is None else PartitionSpec(None, *spec)
+        return self.plan.constrain(stack, self.plan.sharding(spec))
 
     def place(self, leaf: Array, spec: Any) -> Array:
         return self.plan.constrain(leaf, self.plan.sharding(spec))
