@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import pathlib
+import re
 
 import equinox as eqx
 import jax
@@ -313,3 +315,11 @@ def test_trains_a_small_mlp(name):
     adam = _train(shardopt.adam(1e-2), mlp_loss, mlp_params(), 300)
     assert final < start / 10, (start, final)
     assert final < 2 * adam, (final, adam)  # in Adam's league on this problem
+
+
+def test_docs_example_runs():
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "matrix.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/matrix.md", "exec"), {})
