@@ -323,3 +323,24 @@ def test_docs_example_runs():
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/matrix.md", "exec"), {})
+
+
+@pytest.mark.parametrize("name", ("shampoo", "soap"))
+def test_checkpoint_round_trip_under_zero(tmp_path, name):
+    from shardopt.checkpoint import CheckpointManager
+
+    plan = shardopt.zero(1, mesh8(), min_size=0)
+    params, opt = run(OPTIMIZERS[name](), plan.shard_params(model()), plan)
+    abstract = plan.abstract_params(model())
+    like = shardopt.Optimizer(OPTIMIZERS[name](), abstract, plan=plan)
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(STEPS, params=params, opt=opt)
+        manager.wait()
+        got = manager.restore(params=abstract, opt=like)
+    for g, w in zip(
+        jax.tree.leaves(eqx.filter(got.opt, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(opt, eqx.is_array)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert g.sharding.is_equivalent_to(w.sharding, g.ndim)
