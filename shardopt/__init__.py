@@ -124,12 +124,14 @@ from ._transforms._linesearch import (
 )
 from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
+from ._transforms._matrix_shapes import (
+    MuonDimensionNumbers as MuonDimensionNumbers,
+)
+from ._transforms._matrix_shapes import scale_by_shape as scale_by_shape
 from ._transforms._moments import scale_by_adam as scale_by_adam
 from ._transforms._moments import trace as trace
-from ._transforms._muon import MuonDimensionNumbers as MuonDimensionNumbers
 from ._transforms._muon import MuonState as MuonState
 from ._transforms._muon import scale_by_muon as scale_by_muon
-from ._transforms._muon import scale_by_shape as scale_by_shape
 from ._transforms._noise import add_noise as add_noise
 from ._transforms._normalize import centralize as centralize
 from ._transforms._normalize import normalize_by_update_norm as normalize_by_update_norm

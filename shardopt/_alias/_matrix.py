@@ -12,14 +12,13 @@ from .._base import AbstractTransform
 from .._hyperparams import ScalarOrSchedule
 from .._transforms._combinators import chain
 from .._transforms._decay import add_decayed_weights
-from .._transforms._muon import (
-    DEFAULT_NS_COEFFS,
+from .._transforms._matrix_shapes import (
     WeightDimNumbers,
     dimension_numbers_of,
-    scale_by_muon,
     scale_by_shape,
     static_dimension_numbers,
 )
+from .._transforms._muon import DEFAULT_NS_COEFFS, scale_by_muon
 from .._transforms._partition import Partition
 from .._transforms._scale import scale_by_learning_rate
 from .._transforms._shampoo import scale_by_shampoo
