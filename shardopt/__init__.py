@@ -39,6 +39,9 @@ from ._alias._contrib import simplified_ademamix as simplified_ademamix
 from ._alias._factored import adafactor as adafactor
 from ._alias._factored import sm3 as sm3
 from ._alias._galore import galore as galore
+from ._alias._matrix import muon as muon
+from ._alias._matrix import shampoo as shampoo
+from ._alias._matrix import soap as soap
 from ._alias._privacy import dpsgd as dpsgd
 from ._alias._rms import adagrad as adagrad
 from ._alias._rms import rmsprop as rmsprop
@@ -165,12 +168,18 @@ from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
 from ._transforms._madgrad import MadgradState as MadgradState
 from ._transforms._madgrad import scale_by_madgrad as scale_by_madgrad
+from ._transforms._matrix_shapes import (
+    MuonDimensionNumbers as MuonDimensionNumbers,
+)
+from ._transforms._matrix_shapes import scale_by_shape as scale_by_shape
 from ._transforms._mechanic import MechanicState as MechanicState
 from ._transforms._mechanic import mechanize as mechanize
 from ._transforms._moments import scale_by_adam as scale_by_adam
 from ._transforms._moments import trace as trace
 from ._transforms._momo import MomoAdamState as MomoAdamState
 from ._transforms._momo import MomoState as MomoState
+from ._transforms._muon import MuonState as MuonState
+from ._transforms._muon import scale_by_muon as scale_by_muon
 from ._transforms._noise import add_noise as add_noise
 from ._transforms._normalize import NormalizeState as NormalizeState
 from ._transforms._normalize import centralize as centralize
@@ -219,9 +228,13 @@ from ._transforms._schedule_free import schedule_free as schedule_free
 from ._transforms._schedule_free import (
     schedule_free_eval_params as schedule_free_eval_params,
 )
+from ._transforms._shampoo import ShampooState as ShampooState
+from ._transforms._shampoo import scale_by_shampoo as scale_by_shampoo
 from ._transforms._sign import scale_by_lion as scale_by_lion
 from ._transforms._sign import scale_by_sign as scale_by_sign
 from ._transforms._sm3 import scale_by_sm3 as scale_by_sm3
+from ._transforms._soap import SoapState as SoapState
+from ._transforms._soap import scale_by_soap as scale_by_soap
 from ._transforms._sophia import HutchinsonState as HutchinsonState
 from ._transforms._sophia import SophiaState as SophiaState
 from ._transforms._sophia import (

@@ -26,12 +26,14 @@ from ._hyperparams import (
 )
 from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
+from ._transforms._matrix_layout import using_matrix_layout
 from ._tree import (
     check_grads_match,
     check_per_example_grads_match,
     is_trainable,
     trainable,
 )
+from .sharding._matrix import matrix_layout
 from .sharding._plan import ShardingPlan
 
 
@@ -127,9 +129,13 @@ class Optimizer(eqx.Module):
                 )
             tp = plan.constrain(tp, mirror)
         extra_args = _objective_on_whole(extra_args, params)
-        updates, state = update_with_extra_args(
-            self.transform, grads, self.state, tp, extra_args
-        )
+        # matrix transforms (muon, shampoo, soap) ask the plan where whole
+        # matrices go while this step is traced (see _matrix_layout)
+        layout = None if plan is None else matrix_layout(plan, tp)
+        with using_matrix_layout(layout):
+            updates, state = update_with_extra_args(
+                self.transform, grads, self.state, tp, extra_args
+            )
         count = safe_increment(self.count)
         if plan is not None:
             state = plan.constrain(state, plan.state_shardings(state, tp))

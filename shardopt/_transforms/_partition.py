@@ -62,6 +62,9 @@ class Partition(AbstractTransform):
     transforms: tuple[AbstractTransform, ...]
     param_labels: Callable[[Params], Labels] | StaticTree = eqx.field(static=True)
     mask_compatible_extra_args: bool = eqx.field(static=True, default=False)
+    # a label no parameter has is allowed (optax's partition allows it): for
+    # constructors with a fallback group that may be empty (muon's adam)
+    allow_unused: bool = eqx.field(static=True, default=False)
     takes_extra_args = True
 
     def _labels_for(self, tree: Params) -> Labels:
@@ -76,7 +79,7 @@ class Partition(AbstractTransform):
                 "param_labels must be a tree of labels shaped like the parameters "
                 f"(or a prefix of them): {err}"
             ) from err
-        _check_labels(set(jax.tree.leaves(labels)), self.labels)
+        _check_labels(set(jax.tree.leaves(labels)), self.labels, self.allow_unused)
         return labels
 
     def init(self, params: Params) -> PartitionState:
@@ -128,7 +131,7 @@ class Partition(AbstractTransform):
         return updates, PartitionState(inner)
 
 
-def _check_labels(used: set, given: tuple) -> None:
+def _check_labels(used: set, given: tuple, allow_unused: bool = False) -> None:
     no_transform = used - set(given)
     if no_transform:
         raise ValueError(
@@ -136,7 +139,7 @@ def _check_labels(used: set, given: tuple) -> None:
             f"transforms are given for {_sorted(given)}"
         )
     no_label = set(given) - used
-    if no_label:
+    if no_label and not allow_unused:
         raise ValueError(
             f"transforms are given for labels that no parameter has: "
             f"{_sorted(no_label)}; param_labels uses {_sorted(used)}"
