@@ -73,6 +73,11 @@ def _read(ckpt: CheckpointManager, step: int, meta: dict, items, progress=None):
 
 def _open_step(args) -> tuple[CheckpointManager, int, dict]:
     """The manager of ``args.dir``, the step asked for (or the latest), its record."""
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise CheckpointError(
+            f"{args.dir} is a file, not a checkpoint directory: pass the directory "
+            f"that holds the step folders{_root_hint(args.dir)}"
+        )
     if not os.path.isdir(args.dir):
         raise CheckpointError(f"{args.dir}: no such directory")
     ckpt = CheckpointManager(args.dir, create=False)
@@ -80,6 +85,16 @@ def _open_step(args) -> tuple[CheckpointManager, int, dict]:
         raise CheckpointError(f"{args.dir}: no fully written checkpoint step")
     step = ckpt._resolve(args.step)
     return ckpt, step, ckpt.metadata(step)
+
+
+def _root_hint(path: str) -> str:
+    """`` (here: ROOT)`` when ``path`` lies inside a step of a checkpoint."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent != os.path.dirname(parent):
+        if os.path.basename(parent).isdigit():
+            return f" (here: {os.path.dirname(parent)})"
+        parent = os.path.dirname(parent)
+    return ""
 
 
 def _size(n: int) -> str:

@@ -18,12 +18,13 @@ from jaxtyping import PyTree
 
 from .._optimizer import Optimizer
 from .._tree import distinct_buffers
-from ._checksum import check, collect
+from . import _housekeeping as house
+from ._checksum import collect
 from ._errors import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
-    ChecksumError,
+    CorruptCheckpointError,
     mismatch_message,
 )
 from ._handler import ChecksumRestore, ChecksumSave
@@ -38,6 +39,7 @@ from ._tree import (
     replicated,
     to_nested,
 )
+from ._verify import read_error, verify_arrays
 
 FORMAT = "shardopt-checkpoint/2"
 META = "shardopt"
@@ -110,10 +112,14 @@ class CheckpointManager:
         create: create ``directory`` if missing; otherwise a missing directory
             raises :class:`CheckpointNotFoundError`.
         checksums: record every shard's Adler-32 at save (in Orbax's background
-            thread, so ``save`` does not wait for it) for ``restore(verify=True)``
-            and ``shardopt-ckpt verify``. One extra pass over the bytes: about
-            +0.3 s per 340 MiB on a 2-core machine, less with spare cores. Orbax
-            itself catches truncated files but not flipped bytes in the data.
+            thread, so ``save`` does not wait for it), checked by every
+            ``restore`` and by ``shardopt-ckpt verify``.
+
+    A pending asynchronous save is finished when the interpreter exits
+    normally, without ``close()``; only one live manager may save into a
+    directory (:class:`CheckpointLockedError`); the partial steps a killed
+    process leaves are removed when a manager next opens the directory. See
+    ``docs/reliability.md``.
     """
 
     def __init__(
@@ -146,10 +152,13 @@ class CheckpointManager:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             create=create,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # done below, synchronously
+            todelete_subdir=house.DELETING,  # an old step goes away atomically
             preservation_policy=policy,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            house.remove_leftovers(self.directory)
         self._pending: int | None = None
         self._checksums = checksums
 
@@ -172,6 +181,7 @@ class CheckpointManager:
             self._manager.wait_until_finished()
         except Exception as err:
             step, self._pending = self._pending, None
+            house.settled(self)
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
@@ -179,6 +189,11 @@ class CheckpointManager:
                 f"was kept; the steps saved before are intact: {self.all_steps()}"
             ) from err
         self._pending = None
+        house.settled(self)
+        if jax.process_index() == 0:  # old steps Orbax renamed away
+            deleting = os.path.join(self.directory, house.DELETING)
+            if os.path.isdir(deleting):
+                shutil.rmtree(deleting, ignore_errors=True)
 
     def close(self) -> None:
         """Wait for pending saves (raising if one failed), then release resources."""
@@ -186,6 +201,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._manager.close()
+            house.release(self.directory, id(self))
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -232,6 +248,8 @@ class CheckpointManager:
                 "overwritten (delete it first, or save under another step)"
             )
         self.wait()  # surface a failed previous save before starting another
+        if jax.process_index() == 0:
+            house.acquire(self.directory, self)
 
         items: dict[str, dict] = {}
         if params is not None:
@@ -286,10 +304,12 @@ class CheckpointManager:
             args["checksums"] = ChecksumSave(parts)
         args[META] = ocp.args.JsonSave(meta)
         self._pending = step
+        house.pending(self)
         try:
             self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as err:
             self._pending = None
+            house.settled(self)
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
@@ -330,7 +350,8 @@ class CheckpointManager:
         params: PyTree = None,
         opt: Optimizer | None = None,
         keep_hyperparameters: bool = False,
-        verify: bool = False,
+        verify: bool | None = None,
+        fallback: bool = False,
     ) -> Restored:
         """Restore a step (the latest by default) into the layout of the targets.
 
@@ -346,21 +367,59 @@ class CheckpointManager:
             opt: the target Optimizer (concrete or abstract).
             keep_hyperparameters: keep ``opt``'s transform (a new learning rate
                 or schedule) and restore only its state and count.
-            verify: also compare every array read with the checksum recorded at
-                save. Off by default: it reads every array back to the host, which
-                costs about as much as the restore itself on large jobs. Without
-                it, the leaves' paths, shapes and dtypes are still checked against
-                the saved record, and Orbax raises on a truncated file; run
-                ``shardopt-ckpt verify`` (or pass ``verify=True``) to also catch
-                flipped bytes.
+            verify: compare every array read with the checksums recorded at
+                save (each process its own shards, in a thread pool: about 5%
+                of a restore, see ``scripts/bench_checkpoint.py``). ``None``
+                (default): whenever the step has checksums; ``True``: also
+                raise if it has none; ``False``: skip the check.
+            fallback: if the step is corrupted, restore the newest intact
+                step before it instead, and log which.
 
         Raises:
             CheckpointNotFoundError: no such directory or step.
             CheckpointMismatchError: the targets' leaves differ from the saved
                 ones (the message lists the paths).
-            ChecksumError / CheckpointError: an array file is corrupted.
+            CorruptCheckpointError (ChecksumError): an array file of the step
+                is truncated or differs from the save; the message names the
+                step, the array and the file, and the newest intact step.
         """
         step = self._resolve(step)
+        args = (params, opt, keep_hyperparameters, verify)
+        try:
+            return self._restore_step(step, *args)
+        except CorruptCheckpointError as err:
+            intact = None
+            for earlier in reversed([s for s in self.all_steps() if s < step]):
+                try:
+                    intact = self._restore_step(earlier, *args)
+                    break
+                except (CorruptCheckpointError, CheckpointMismatchError):
+                    continue
+            if intact is None:
+                raise type(err)(
+                    f"{err}. No earlier step is intact either "
+                    f"(steps present: {self.all_steps()})."
+                ) from err
+            if not fallback:
+                raise type(err)(
+                    f"{err}. The newest intact step is {intact.step}: restore it "
+                    f"with restore({intact.step}, ...), or pass fallback=True."
+                ) from err
+            house.LOG.warning(
+                "%s. Restored step %d instead, the newest intact step (fallback=True).",
+                err,
+                intact.step,
+            )
+            return intact
+
+    def _restore_step(
+        self,
+        step: int,
+        params: PyTree,
+        opt: Optimizer | None,
+        keep_hyperparameters: bool,
+        verify: bool | None,
+    ) -> Restored:
         meta = self.metadata(step)
         mesh = find_mesh(params) or find_mesh(opt)
         targets: dict[str, dict] = {}
@@ -399,7 +458,8 @@ class CheckpointManager:
             extras_target["rng"] = jax.ShapeDtypeStruct(
                 tuple(d["shape"]), np.dtype(d["dtype"]), sharding=replicated(mesh)
             )
-        if verify and not meta.get("checksums", True):
+        recorded = meta.get("checksums", True)
+        if verify and not recorded:
             raise CheckpointError(
                 f"step {step} in {self.directory} was saved with checksums=False: "
                 "there is nothing to verify against; restore with verify=False"
@@ -407,6 +467,7 @@ class CheckpointManager:
         wanted = {name: target for name, target in targets.items() if target}
         if extras_target:
             wanted["extras"] = extras_target
+        verify = recorded if verify is None else verify
         try:
             got = self._read_arrays(step, wanted)
             if verify:
@@ -414,6 +475,9 @@ class CheckpointManager:
                     step, args=ocp.args.Composite(checksums=ChecksumRestore())
                 )["checksums"]
         except Exception as err:
+            damaged = read_error(err, step, self.directory, ARRAYS)
+            if damaged is not None:
+                raise damaged from err
             raise CheckpointError(
                 f"reading step {step} from {self.directory} failed: "
                 f"{type(err).__name__}: {_first_line(err)}. An array file may be "
@@ -422,7 +486,7 @@ class CheckpointManager:
             ) from err
         if verify:
             arrays = {n: got[n] for n in wanted}
-            _verify(step, self.directory, meta, arrays, got["checksums"])
+            verify_arrays(step, self.directory, ARRAYS, meta, arrays, got["checksums"])
 
         out: dict[str, Any] = {"step": step, "data": meta["data"]}
         out["metadata"] = meta["metadata"]
@@ -490,29 +554,6 @@ class CheckpointManager:
                 f"no step {step} in {self.directory}; steps present: {steps or 'none'}"
             )
         return int(step)
-
-
-def _verify(
-    step: int, directory: str, meta: dict, got: dict, records: list[dict]
-) -> None:
-    """Compare the arrays read with the checksums recorded at save time."""
-    order = {name: i for i, name in enumerate(meta["checksum_order"])}
-    by_leaf: dict[int, list] = {}
-    for record in records:
-        by_leaf.setdefault(record["leaf"], []).append(record)
-    bad = []
-    for item, tree in got.items():
-        for path, leaf in nested_paths(tree).items():
-            name = f"{item}/{path}"
-            if name in order and leaf.is_fully_addressable:
-                problem = check(np.asarray(leaf), by_leaf.get(order[name], []))
-                if problem:
-                    bad.append(f"{name} ({problem})")
-    if bad:
-        raise ChecksumError(
-            f"step {step} in {directory}: {len(bad)} array(s) differ from what was "
-            f"saved (corrupted files?): {', '.join(bad[:20])}"
-        )
 
 
 def _layout(params: PyTree, opt: Optimizer | None) -> dict:
