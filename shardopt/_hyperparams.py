@@ -94,12 +94,70 @@ def as_hyperparameter(
     return jnp.asarray(array, dtype=jnp.float32)
 
 
-def hyperparameter(name: str, domain: Domain = REAL) -> Any:
-    """A Module field holding a hyperparameter (see :func:`as_hyperparameter`)."""
+def hyperparameter(
+    name: str,
+    domain: Domain = REAL,
+    *,
+    guards_division_with: tuple[str, ...] | None = None,
+) -> Any:
+    """A Module field holding a hyperparameter (see :func:`as_hyperparameter`).
+
+    ``guards_division_with`` declares that this hyperparameter (an ``eps``),
+    together with the named ones (``eps_root``, an initial accumulator), is
+    all that keeps a denominator from zero when the gradients are zero: their
+    sum must be > 0, or a zero gradient gives ``0 / 0 = NaN``. Transforms check
+    it at construction (:func:`check_division_guards`).
+    """
+    meta: dict[str, Any] = {"domain": domain}
+    if guards_division_with is not None:
+        meta["guards_division_with"] = tuple(guards_division_with)
     return eqx.field(
         converter=functools.partial(as_hyperparameter, name=name, domain=domain),
-        metadata={"hyperparameter": {"domain": domain}},
+        metadata={"hyperparameter": meta},
     )
+
+
+def check_division_guards(module: eqx.Module) -> None:
+    """Raise if the hyperparameters that guard a division are all zero.
+
+    Schedules and traced values are not checked (their values come at run time).
+    """
+    for field in dataclasses.fields(module):
+        meta = field.metadata.get("hyperparameter", {})
+        others = meta.get("guards_division_with")
+        if others is None:
+            continue
+        names = (field.name, *others)
+        values = [getattr(module, n, None) for n in names]
+        if any(_is_schedule(v) or isinstance(v, jax.core.Tracer) for v in values):
+            continue
+        if any(v is None for v in values):
+            continue
+        numbers = [float(np.asarray(v)) for v in values]
+        if sum(numbers) <= 0:
+            given = ", ".join(f"{n}={x!r}" for n, x in zip(names, numbers, strict=True))
+            raise ValueError(
+                f"{type(module).__name__}: {' + '.join(names)} must be > 0, got "
+                f"{given}: they keep a denominator from zero, and a zero "
+                f"gradient would give 0/0 = NaN. Use e.g. {field.name}=1e-8."
+            )
+
+
+def as_count(value: Any, *, name: str, low: int = 0, high: int | None = None) -> int:
+    """An integer argument (a stage, a size, a number of steps), checked.
+
+    Rejects strings, bools, and floats that are not whole numbers, naming the
+    argument and the value, instead of letting ``int()`` turn ``"2"`` or
+    ``2.7`` into 2.
+    """
+    whole = isinstance(value, (float, np.floating)) and float(value).is_integer()
+    if isinstance(value, bool) or not (isinstance(value, (int, np.integer)) or whole):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    number = int(value)
+    if number < low or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return number
 
 
 def hyperparameter_fields(module: eqx.Module) -> dict[str, dict]:

@@ -74,7 +74,7 @@ class ScaleByAdamax(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE, guards_division_with=())
 
     def init(self, params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(zero_count(), zeros_like(params), zeros_like(params))
@@ -121,7 +121,9 @@ class ScaleByAmsgrad(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
     bias_correction_mu: bool = eqx.field(static=True)
@@ -183,7 +185,9 @@ class ScaleByBelief(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     nesterov: bool = eqx.field(static=True)
 
@@ -235,7 +239,9 @@ class ScaleByYogi(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     initial_accumulator_value: Hyperparameter = hyperparameter(
         "initial_accumulator_value", POSITIVE
@@ -294,7 +300,9 @@ class ScaleByRadam(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     threshold: Hyperparameter = hyperparameter("threshold", REAL)
     nesterov: bool = eqx.field(static=True)
