@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._hyperparams import check_division_guards
-from ._tree import is_trainable
+from ._tree import is_trainable, leaf_paths
 from ._tree_math import add
 
 Params = PyTree
@@ -249,4 +249,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             return param
         return add(param, update).astype(param.dtype)
 
-    return jax.tree.map(apply, updates, params, is_leaf=lambda x: x is None)
+    try:
+        return jax.tree.map(apply, updates, params, is_leaf=lambda x: x is None)
+    except ValueError as err:
+        got = set(leaf_paths(updates))
+        want = set(leaf_paths(params))
+        raise ValueError(
+            "apply_updates: the updates are not laid out like the parameters; "
+            f"missing from the updates: {', '.join(sorted(want - got)) or 'none'}; "
+            f"not among the parameters: {', '.join(sorted(got - want)) or 'none'}"
+        ) from err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import glob
 import json
@@ -16,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from .._hyperparams import as_count
 from .._optimizer import Optimizer
-from .._tree import distinct_buffers
 from . import _housekeeping as house
 from ._checksum import collect
 from ._errors import (
@@ -25,9 +24,15 @@ from ._errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    mismatch_message,
 )
 from ._handler import ChecksumRestore, ChecksumSave
+from ._record import (
+    Restored,
+    check_save_args,
+    check_targets,
+    first_line,
+    layout,
+)
 from ._tree import (
     Nested,
     abstract_target,
@@ -46,37 +51,6 @@ META = "shardopt"
 ARRAYS = "arrays"  # one Orbax item holding the parts below: one write, one read
 ARRAY_ITEMS = ("params", "opt_state", "opt_hyperparameters", "extras")
 ITEMS = (ARRAYS, "checksums", META)
-
-KEEP_HYPERPARAMETERS_HINT = (
-    "  The optimizer's transform differs from the saved one (another optimizer, or "
-    "a float that became a schedule?). To keep the moments and the count with the "
-    "target's hyperparameters, pass keep_hyperparameters=True."
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-    """What :meth:`CheckpointManager.restore` read: ``None`` for what was not asked.
-
-    ``params`` and ``opt`` have the structure and the shardings of the targets
-    that were passed; ``rng`` is the PRNG key, ``data`` the data-loader position
-    and ``metadata`` the JSON dict given to ``save``. No two array leaves of
-    ``params``, ``opt`` and ``rng`` share a device buffer, so the whole result
-    can be donated to the next step.
-    """
-
-    step: int
-    params: PyTree = None
-    opt: Optimizer | None = None
-    rng: jax.Array | None = None
-    data: Any = None
-    metadata: dict | None = None
-
-    def __post_init__(self):
-        params, opt, rng = distinct_buffers((self.params, self.opt, self.rng))
-        object.__setattr__(self, "params", params)
-        object.__setattr__(self, "opt", opt)
-        object.__setattr__(self, "rng", rng)
 
 
 class CheckpointManager:
@@ -132,6 +106,12 @@ class CheckpointManager:
         create: bool = True,
         checksums: bool = True,
     ):
+        if max_to_keep is not None:
+            max_to_keep = as_count(max_to_keep, name="max_to_keep", low=1)
+        if keep_every is not None:
+            keep_every = as_count(keep_every, name="keep_every", low=1)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         self.directory = os.path.abspath(os.fspath(directory))
         if not create and not os.path.isdir(self.directory):
             raise CheckpointNotFoundError(
@@ -185,7 +165,7 @@ class CheckpointManager:
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
-                f"{type(err).__name__}: {_first_line(err)}. Nothing of step {step} "
+                f"{type(err).__name__}: {first_line(err)}. Nothing of step {step} "
                 f"was kept; the steps saved before are intact: {self.all_steps()}"
             ) from err
         self._pending = None
@@ -237,11 +217,8 @@ class CheckpointManager:
             data: a JSON value, e.g. the data loader's position.
             metadata: a JSON dict stored with the step, shown by ``inspect``.
         """
-        step = int(step)
-        if params is None and opt is None and rng is None:
-            raise ValueError("nothing to save: pass params=, opt= or rng=")
-        if opt is not None and not isinstance(opt, Optimizer):
-            raise TypeError(f"opt must be a shardopt.Optimizer, got {type(opt)}")
+        step = as_count(step, name="step")
+        check_save_args(params, opt, rng, data, metadata)
         if step in self._manager.all_steps():
             raise CheckpointError(
                 f"step {step} already exists in {self.directory}; it is not "
@@ -290,7 +267,7 @@ class CheckpointManager:
             "metadata": metadata if metadata is not None else {},
             "data": data,
             "rng_impl": rng_impl,
-            "layout": _layout(params, opt),
+            "layout": layout(params, opt),
             "leaves": described,
             "checksum_order": names,
             "checksums": self._checksums,
@@ -313,7 +290,7 @@ class CheckpointManager:
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
-                f"{type(err).__name__}: {_first_line(err)}"
+                f"{type(err).__name__}: {first_line(err)}"
             ) from err
 
     # ---------------------------------------------------------------- restore
@@ -333,7 +310,8 @@ class CheckpointManager:
         except Exception as err:
             raise CheckpointError(
                 f"step {step} in {self.directory} has no readable shardopt record "
-                f"({type(err).__name__}: {_first_line(err)}); was it saved by "
+                f"{os.path.relpath(path, self.directory)} "
+                f"({type(err).__name__}: {first_line(err)}); was it saved by "
                 "shardopt.checkpoint?"
             ) from err
         meta = got[META]
@@ -432,26 +410,7 @@ class CheckpointManager:
             if not keep_hyperparameters:
                 targets["opt_hyperparameters"] = abstract_target(opt.transform, mesh)
         saved_leaves = meta["leaves"]
-        for name, target in targets.items():
-            saved = {
-                p: (tuple(d["shape"]), d["dtype"])
-                for p, d in saved_leaves.get(name, {}).items()
-            }
-            if name not in saved_leaves and target:
-                raise CheckpointMismatchError(
-                    f"step {step} in {self.directory} holds no {name!r}; it has "
-                    f"{', '.join(k for k in saved_leaves if saved_leaves[k])}"
-                )
-            wanted = {
-                p: (tuple(x.shape), np.dtype(x.dtype).name)
-                for p, x in nested_paths(target).items()
-            }
-            hint = KEEP_HYPERPARAMETERS_HINT if name == "opt_hyperparameters" else ""
-            message = mismatch_message(name, saved, wanted, hint)
-            if message:
-                raise CheckpointMismatchError(
-                    f"step {step} in {self.directory}: {message}"
-                )
+        check_targets(step, self.directory, saved_leaves, targets)
         extras_target = {}
         if "rng" in saved_leaves.get("extras", {}):
             d = saved_leaves["extras"]["rng"]
@@ -480,7 +439,7 @@ class CheckpointManager:
                 raise damaged from err
             raise CheckpointError(
                 f"reading step {step} from {self.directory} failed: "
-                f"{type(err).__name__}: {_first_line(err)}. An array file may be "
+                f"{type(err).__name__}: {first_line(err)}. An array file may be "
                 f"truncated or corrupted: run `shardopt-ckpt verify "
                 f"{self.directory} --step {step}`"
             ) from err
@@ -549,34 +508,9 @@ class CheckpointManager:
                     "fully written step"
                 )
             return steps[-1]
-        if int(step) not in steps:
+        step = as_count(step, name="step")
+        if step not in steps:
             raise CheckpointNotFoundError(
                 f"no step {step} in {self.directory}; steps present: {steps or 'none'}"
             )
         return int(step)
-
-
-def _layout(params: PyTree, opt: Optimizer | None) -> dict:
-    """What the step was saved from: processes, devices, meshes and plan."""
-    meshes = []
-    for tree in (params, opt):
-        mesh = find_mesh(tree) if tree is not None else None
-        if mesh is not None:
-            entry = {"axes": {str(k): int(v) for k, v in mesh.shape.items()}}
-            if entry not in meshes:
-                meshes.append(entry)
-    layout: dict[str, Any] = {
-        "process_count": jax.process_count(),
-        "device_count": jax.device_count(),
-        "platform": jax.devices()[0].platform,
-        "meshes": meshes,
-    }
-    plan = getattr(opt, "plan", None)
-    if plan is not None:
-        layout["plan"] = repr(plan)
-    return layout
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
