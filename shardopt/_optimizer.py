@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from . import _debug
 from ._base import (
     AbstractTransform,
     Params,
@@ -116,6 +117,8 @@ class Optimizer(eqx.Module):
         updates, state = update_with_extra_args(
             self.transform, grads, self.state, tp, extra_args
         )
+        if _debug.active():
+            _debug.check_step(self.count, grads, updates)
         count = safe_increment(self.count)
         if plan is not None:
             state = plan.constrain(state, plan.state_shardings(state, tp))
