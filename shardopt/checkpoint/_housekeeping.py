@@ -28,7 +28,7 @@ import threading
 import weakref
 from typing import Any
 
-from ._errors import CheckpointLockedError
+from ._errors import CheckpointError, CheckpointLockedError
 
 LOG = logging.getLogger("shardopt.checkpoint")
 LOCK = ".shardopt-writer"
@@ -84,9 +84,19 @@ def acquire(directory: str, manager: Any) -> None:
         )
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)  # stale: its process is gone
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    except FileExistsError:
+        raise CheckpointLockedError(
+            f"{directory} was just taken by another writer (lock file {path})"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot save into {directory}: {err.strerror} (a read-only directory "
+            "or file system?); nothing was written"
+        ) from err
     _HELD[directory] = id(manager)
     _OPEN.add(manager)
     weakref.finalize(manager, release, directory, id(manager))
