@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import json
@@ -37,11 +38,14 @@ from ._tree import (
     Nested,
     abstract_target,
     describe_sharding,
+    empty_like,
     find_mesh,
     for_saving,
     from_nested,
     nested_paths,
+    put_path,
     replicated,
+    split_empty,
     to_nested,
 )
 from ._verify import read_error, verify_arrays
@@ -51,6 +55,7 @@ META = "shardopt"
 ARRAYS = "arrays"  # one Orbax item holding the parts below: one write, one read
 ARRAY_ITEMS = ("params", "opt_state", "opt_hyperparameters", "extras")
 ITEMS = (ARRAYS, "checksums", META)
+EMPTY_MARK = "_only_empty_arrays"  # what is written when every array is empty
 
 
 class CheckpointManager:
@@ -274,6 +279,11 @@ class CheckpointManager:
         }
         if extras:
             items["extras"] = extras
+        # zero-size leaves are in the record only (Orbax cannot write them)
+        items = {name: split_empty(tree)[0] for name, tree in items.items()}
+        items = {name: tree for name, tree in items.items() if tree}
+        if not items:
+            items = {"extras": {EMPTY_MARK: jax.numpy.zeros((), np.int8)}}
         # One PyTree item for all arrays: each Orbax item costs its own
         # serialisation pass and threads (measured: 4 items block ~0.1 s longer).
         args: dict[str, Any] = {ARRAYS: ocp.args.PyTreeSave(items)}
@@ -287,6 +297,8 @@ class CheckpointManager:
         except Exception as err:
             self._pending = None
             house.settled(self)
+            with contextlib.suppress(Exception):  # let its threads stop first
+                self._manager.wait_until_finished()
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
@@ -427,8 +439,16 @@ class CheckpointManager:
         if extras_target:
             wanted["extras"] = extras_target
         verify = recorded if verify is None else verify
+        reads, empty = {}, {}
+        for name, target in wanted.items():
+            kept, found = split_empty(target)
+            if kept:
+                reads[name] = kept
+            empty.update({f"{name}/{path}": x for path, x in found.items()})
         try:
-            got = self._read_arrays(step, wanted)
+            got = self._read_arrays(step, reads) if reads else {}
+            for path, target in empty.items():
+                put_path(got, path, empty_like(target))
             if verify:
                 got["checksums"] = self._manager.restore(
                     step, args=ocp.args.Composite(checksums=ChecksumRestore())

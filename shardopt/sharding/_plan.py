@@ -304,6 +304,8 @@ class ShardingPlan:
             return base, None, "the data axes have size 1"
         if not shape:
             return base, None, "scalar"
+        if math.prod(shape) == 0:  # and jax 0.10 mis-shapes such shards on CPU
+            return base, None, "zero-size: nothing to partition"
         if math.prod(shape) < self.min_size:
             return base, None, f"smaller than min_size={self.min_size} elements"
         fits = [
