@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 
 import equinox as eqx
 import jax
@@ -270,3 +272,25 @@ def test_zero_size_leaves_round_trip(tmp_path):
     assert got.params["empty"].sharding == like["empty"].sharding
     got = CheckpointManager(tmp_path).restore(params={"only": jnp.ones((0,))})
     assert got.params["only"].shape == (0,)
+
+
+def test_checkpoints_with_adler32_records_are_still_verified(tmp_path):
+    """Before CRC-32, records held Adler-32: such steps restore and are checked."""
+    params = {"w": jnp.arange(64.0)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+    (partial,) = (tmp_path / "1" / "checksums").glob("partial_*.json")
+    records = json.loads(partial.read_text())
+    data = np.asarray(params["w"])
+    for record in records:
+        region = tuple(slice(a, b) for a, b in record.pop("index"))
+        record["index"] = [[s.start, s.stop] for s in region]
+        record["adler32"] = zlib.adler32(data[region].view(np.uint8))
+        del record["crc32"]
+    partial.write_text(json.dumps(records))
+    got = CheckpointManager(tmp_path).restore(params=params)
+    assert np.array_equal(got.params["w"], data)
+    records[0]["adler32"] += 1
+    partial.write_text(json.dumps(records))
+    with pytest.raises(ChecksumError, match=r"params/w \(checksum mismatch"):
+        CheckpointManager(tmp_path).restore(params=params)

@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from rich.progress import Progress
 
+from . import _checksum
 from ._checksum import check
 from ._errors import CheckpointError
 from ._handler import ChecksumRestore
@@ -167,7 +168,7 @@ def verify(args) -> int:
         if not recorded:
             checked += 1
             continue
-        if not found or any(r["adler32"] is None for r in found):
+        if not found or any(_checksum.recorded(r)[1] is None for r in found):
             problems.append(f"{name}: no checksum recorded")
         problem = check(value, found)
         if problem:

@@ -90,7 +90,7 @@ class CheckpointManager:
         async_save: write in a background thread (default) or block in ``save``.
         create: create ``directory`` if missing; otherwise a missing directory
             raises :class:`CheckpointNotFoundError`.
-        checksums: record every shard's Adler-32 at save (in Orbax's background
+        checksums: record every shard's CRC-32 at save (in Orbax's background
             thread, so ``save`` does not wait for it), checked by every
             ``restore`` and by ``shardopt-ckpt verify``.
 

@@ -1,7 +1,7 @@
 """Checking what a restore read against the checksums recorded at save.
 
 Every restore does it by default. Each process checks only the shards it holds
-(the first copy of each), so the cost is one Adler-32 pass over this process's
+(the first copy of each), so the cost is one CRC-32 pass over this process's
 bytes, run in a thread pool (zlib releases the GIL) while nothing else waits.
 A recorded slice that no single local shard contains (the array was saved in
 another layout) is checked on the process's whole copy of the array, when the
@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from ._checksum import adler32
+from ._checksum import digest, recorded
 from ._errors import ChecksumError, CorruptCheckpointError
 from ._tree import nested_paths
 
@@ -47,7 +47,7 @@ def _shard_bounds(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:
 
 def _check_leaf(leaf, records: list[dict]) -> str | None:
     """``None`` if every recorded slice this process can see matches, else why."""
-    records = [r for r in records if r["adler32"] is not None]
+    records = [r for r in records if recorded(r)[1] is not None]
     if not records:
         return None
     shards = [
@@ -72,7 +72,8 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
             if whole is None:
                 whole = np.asarray(leaf)
             part = whole[tuple(slice(a, b) for a, b in region)]
-        if adler32(part) != record["adler32"]:
+        algorithm, value = recorded(record)
+        if digest(part, algorithm) != value:
             where = ",".join(f"{a}:{b}" for a, b in region)
             return f"checksum mismatch in [{where}]"
     return None
