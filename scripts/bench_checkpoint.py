@@ -4,8 +4,10 @@ Measures, for the same tree (an 8-layer MLP's parameters and its AdamW state,
 moments partitioned over 8 devices): the full save (until written), the time
 until ``save`` returns (async blocking), restore onto the same mesh, and restore
 onto another mesh ((4, 2) with a model axis). Plain Orbax is
-``ocp.StandardCheckpointer`` saving the same array leaves. Prints a markdown
-table of medians and ratios.
+``ocp.StandardCheckpointer`` saving the same array leaves. Every restore of
+shardopt verifies the checksums by default; the same restores with
+``verify=False`` give the cost of that check. The variants run interleaved in
+every round. Prints a markdown table of medians and ratios.
 
     PYTHONPATH=. python scripts/bench_checkpoint.py [--repeats 5] [--dir /tmp/...]
 """
@@ -132,7 +134,8 @@ def run(args, root):
         ),
     }
 
-    results = {k: [] for k in ("save", "block", "restore", "reshard")}
+    keys = ("save", "block", "restore", "reshard", "restore_nv", "reshard_nv")
+    results = {k: [] for k in keys}
     results = {
         name: {k: [] for k in results} for name in ("orbax", "shardopt", "no_checksums")
     }
@@ -150,9 +153,8 @@ def run(args, root):
         ckptr.close()
         shutil.rmtree(path)
         if rep:
-            for k, v in zip(
-                results["orbax"], (save, block, restore, reshard), strict=True
-            ):
+            times = (save, block, restore, reshard, restore, reshard)
+            for k, v in zip(results["orbax"], times, strict=True):
                 results["orbax"][k].append(v)
         for variant, checksums in (("shardopt", True), ("no_checksums", False)):
             path = os.path.join(root, f"{variant}{rep}")
@@ -172,6 +174,16 @@ def run(args, root):
                     params=like_other["params"], opt=like_other["opt"]
                 )
             )
+            restore_nv, _ = timed(
+                lambda m=manager: m.restore(
+                    params=like_same["params"], opt=like_same["opt"], verify=False
+                )
+            )
+            reshard_nv, _ = timed(
+                lambda m=manager: m.restore(
+                    params=like_other["params"], opt=like_other["opt"], verify=False
+                )
+            )
             if rep == 0:  # on the host: a jitted comparison would all-reduce over
                 # 8 devices, which XLA:CPU aborts after 40 s on a starved machine
                 got_leaves = jax.tree.leaves(eqx.filter(got.opt, eqx.is_array))
@@ -184,9 +196,8 @@ def run(args, root):
             manager.close()
             shutil.rmtree(path)
             if rep:
-                for k, v in zip(
-                    results[variant], (save, block, restore, reshard), strict=True
-                ):
+                times = (save, block, restore, reshard, restore_nv, reshard_nv)
+                for k, v in zip(results[variant], times, strict=True):
                     results[variant][k].append(v)
 
     labels = {
@@ -194,6 +205,8 @@ def run(args, root):
         "block": "save returns (async blocking)",
         "restore": "restore, same mesh (8,)",
         "reshard": "restore onto (4, 2) mesh",
+        "restore_nv": "restore, same mesh, verify=False",
+        "reshard_nv": "restore onto (4, 2), verify=False",
     }
     print(
         f"{nbytes / 2**20:.0f} MiB of params + AdamW state, {jax.device_count()} "
@@ -211,6 +224,15 @@ def run(args, root):
         print(
             f"| {label} | {a:.3f} | {b:.3f} | {b / a:.2f}x | {c:.3f} | {c / a:.2f}x |"
         )
+    print("\nverification on restore (default vs verify=False, paired by round):")
+    for key, nv in (("restore", "restore_nv"), ("reshard", "reshard_nv")):
+        ratios = [
+            a / b
+            for a, b in zip(
+                results["shardopt"][key], results["shardopt"][nv], strict=True
+            )
+        ]
+        print(f"- {labels[key]}: {statistics.median(ratios):.3f}x")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ from ._base import CountState as CountState
 from ._base import EmptyState as EmptyState
 from ._base import apply_updates as apply_updates
 from ._base import identity as identity
+from ._debug import NonFiniteError as NonFiniteError
+from ._debug import debug_nans as debug_nans
 from ._hyperparams import AbstractSchedule as AbstractSchedule
 from ._interop import OptaxTransform as OptaxTransform
 from ._microbatch import AccumulationType as AccumulationType

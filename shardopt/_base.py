@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -11,7 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._tree import is_trainable
+from ._hyperparams import (
+    as_hyperparameter,
+    check_division_guards,
+    hyperparameter_fields,
+)
+from ._tree import is_trainable, leaf_paths
 from ._tree_math import add
 
 Params = PyTree
@@ -59,9 +67,73 @@ class AbstractTransform(eqx.Module):
     ) -> tuple[Updates, State]:
         """Return ``(updates, new_state)`` for one step."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        update = cls.__dict__.get("update")
+        if update is not None and not getattr(update, "__isabstractmethod__", False):
+            cls.update = _checking_state(update)
+
+    def __check_init__(self) -> None:
+        check_division_guards(self)
+
     def __hash__(self) -> int:
         leaves, treedef = jax.tree_util.tree_flatten(self)
         return hash((treedef, tuple(_hash_key(leaf) for leaf in leaves)))
+
+
+def _checking_state(update: Callable) -> Callable:
+    """``update`` that explains a failure caused by another transform's state.
+
+    Costs nothing when the update works: only after an exception is the state
+    compared with the structure ``init`` makes (abstractly, by eval_shape).
+    """
+
+    @functools.wraps(update)
+    def checked(self, grads, state, *args, **kwargs):
+        try:
+            return update(self, grads, state, *args, **kwargs)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as err:
+            message = _foreign_state(self, grads, state)
+            if message is None:
+                raise
+            raise TypeError(message) from err
+
+    return checked
+
+
+def _foreign_state(transform: AbstractTransform, grads: Any, state: Any) -> str | None:
+    try:
+        expected = jax.eval_shape(transform.init, grads)
+    except Exception:  # init itself cannot run on these grads: not our case
+        return None
+    if jax.tree.structure(expected) == jax.tree.structure(state):
+        return None
+    name = skeleton(transform)
+    return (
+        f"{name}.update was given a state that {name}.init does not make: got "
+        f"{skeleton(state)}, expected {skeleton(expected)}. The state comes from "
+        "another transform (another optimizer's init?): build it with this "
+        "transform's init, or restore the matching optimizer."
+    )
+
+
+def skeleton(tree: Any, depth: int = 0) -> str:
+    """The container types of ``tree`` by name: ``Chain(ScaleByAdam, ...)``."""
+    if depth > 3:
+        return "..."
+    if isinstance(tree, eqx.Module):
+        inner = [
+            skeleton(getattr(tree, f.name), depth + 1)
+            for f in dataclasses.fields(tree)
+            if isinstance(getattr(tree, f.name, None), (eqx.Module, tuple, list))
+        ]
+        name = type(tree).__name__
+        if len(inner) == 1 and inner[0].startswith("("):
+            return name + inner[0]
+        return f"{name}({', '.join(inner)})" if inner else name
+    if isinstance(tree, (tuple, list)):
+        return "(" + ", ".join(skeleton(x, depth + 1) for x in tree) + ")"
+    return type(tree).__name__
 
 
 def _hash_key(leaf: Any) -> Any:
@@ -187,4 +259,52 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             return param
         return add(param, update).astype(param.dtype)
 
-    return jax.tree.map(apply, updates, params, is_leaf=lambda x: x is None)
+    try:
+        return jax.tree.map(apply, updates, params, is_leaf=lambda x: x is None)
+    except ValueError as err:
+        got = set(leaf_paths(updates))
+        want = set(leaf_paths(params))
+        raise ValueError(
+            "apply_updates: the updates are not laid out like the parameters; "
+            f"missing from the updates: {', '.join(sorted(want - got)) or 'none'}; "
+            f"not among the parameters: {', '.join(sorted(got - want)) or 'none'}"
+        ) from err
+
+
+def transforms_in(node: Any) -> list[AbstractTransform]:
+    """Every transform Module inside ``node`` (through tuples and fields)."""
+    if isinstance(node, (tuple, list)):
+        return [t for child in node for t in transforms_in(child)]
+    if not isinstance(node, AbstractTransform):
+        return []
+    found = [node]
+    for field in dataclasses.fields(node):
+        found += transforms_in(getattr(node, field.name))
+    return found
+
+
+def replace_hyperparameter(node: Any, name: str, value: Any) -> tuple[Any, int]:
+    """``node`` with every transform's hyperparameter ``name`` set; and how many."""
+    if isinstance(node, (tuple, list)):
+        pairs = [replace_hyperparameter(child, name, value) for child in node]
+        return type(node)(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if not isinstance(node, AbstractTransform):
+        return node, 0
+    replaced = 0
+    fields = hyperparameter_fields(node)
+    for field in dataclasses.fields(node):
+        if field.name == name and name in fields:
+            new = as_hyperparameter(value, name=name, **fields[name])
+            replaced += 1
+        else:
+            new, count = replace_hyperparameter(getattr(node, field.name), name, value)
+            if not count:
+                continue
+            replaced += count
+        node = eqx.tree_at(
+            lambda m, f=field.name: getattr(m, f),
+            node,
+            new,
+            is_leaf=lambda x: x is None,
+        )
+    return node, replaced

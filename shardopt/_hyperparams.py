@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from ._base import AbstractTransform
-
 
 class AbstractSchedule(eqx.Module):
     """A function of the step count whose own numbers are array leaves.
@@ -96,12 +94,70 @@ def as_hyperparameter(
     return jnp.asarray(array, dtype=jnp.float32)
 
 
-def hyperparameter(name: str, domain: Domain = REAL) -> Any:
-    """A Module field holding a hyperparameter (see :func:`as_hyperparameter`)."""
+def hyperparameter(
+    name: str,
+    domain: Domain = REAL,
+    *,
+    guards_division_with: tuple[str, ...] | None = None,
+) -> Any:
+    """A Module field holding a hyperparameter (see :func:`as_hyperparameter`).
+
+    ``guards_division_with`` declares that this hyperparameter (an ``eps``),
+    together with the named ones (``eps_root``, an initial accumulator), is
+    all that keeps a denominator from zero when the gradients are zero: their
+    sum must be > 0, or a zero gradient gives ``0 / 0 = NaN``. Transforms check
+    it at construction (:func:`check_division_guards`).
+    """
+    meta: dict[str, Any] = {"domain": domain}
+    if guards_division_with is not None:
+        meta["guards_division_with"] = tuple(guards_division_with)
     return eqx.field(
         converter=functools.partial(as_hyperparameter, name=name, domain=domain),
-        metadata={"hyperparameter": {"domain": domain}},
+        metadata={"hyperparameter": meta},
     )
+
+
+def check_division_guards(module: eqx.Module) -> None:
+    """Raise if the hyperparameters that guard a division are all zero.
+
+    Schedules and traced values are not checked (their values come at run time).
+    """
+    for field in dataclasses.fields(module):
+        meta = field.metadata.get("hyperparameter", {})
+        others = meta.get("guards_division_with")
+        if others is None:
+            continue
+        names = (field.name, *others)
+        values = [getattr(module, n, None) for n in names]
+        if any(_is_schedule(v) or isinstance(v, jax.core.Tracer) for v in values):
+            continue
+        if any(v is None for v in values):
+            continue
+        numbers = [float(np.asarray(v)) for v in values]
+        if sum(numbers) <= 0:
+            given = ", ".join(f"{n}={x!r}" for n, x in zip(names, numbers, strict=True))
+            raise ValueError(
+                f"{type(module).__name__}: {' + '.join(names)} must be > 0, got "
+                f"{given}: they keep a denominator from zero, and a zero "
+                f"gradient would give 0/0 = NaN. Use e.g. {field.name}=1e-8."
+            )
+
+
+def as_count(value: Any, *, name: str, low: int = 0, high: int | None = None) -> int:
+    """An integer argument (a stage, a size, a number of steps), checked.
+
+    Rejects strings, bools, and floats that are not whole numbers, naming the
+    argument and the value, instead of letting ``int()`` turn ``"2"`` or
+    ``2.7`` into 2.
+    """
+    whole = isinstance(value, (float, np.floating)) and float(value).is_integer()
+    if isinstance(value, bool) or not (isinstance(value, (int, np.integer)) or whole):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    number = int(value)
+    if number < low or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return number
 
 
 def hyperparameter_fields(module: eqx.Module) -> dict[str, dict]:
@@ -134,42 +190,3 @@ def resolve(value: Hyperparameter, count: Array, *, name: str) -> Array:
 def cast_like(scalar: Array, leaf: Array) -> Array:
     """``scalar`` in ``leaf``'s dtype, as optax's weakly typed Python floats behave."""
     return scalar.astype(leaf.dtype)
-
-
-def transforms_in(node: Any) -> list[AbstractTransform]:
-    """Every transform Module inside ``node`` (through tuples and fields)."""
-    if isinstance(node, (tuple, list)):
-        return [t for child in node for t in transforms_in(child)]
-    if not isinstance(node, AbstractTransform):
-        return []
-    found = [node]
-    for field in dataclasses.fields(node):
-        found += transforms_in(getattr(node, field.name))
-    return found
-
-
-def replace_hyperparameter(node: Any, name: str, value: Any) -> tuple[Any, int]:
-    """``node`` with every transform's hyperparameter ``name`` set; and how many."""
-    if isinstance(node, (tuple, list)):
-        pairs = [replace_hyperparameter(child, name, value) for child in node]
-        return type(node)(p[0] for p in pairs), sum(p[1] for p in pairs)
-    if not isinstance(node, AbstractTransform):
-        return node, 0
-    replaced = 0
-    fields = hyperparameter_fields(node)
-    for field in dataclasses.fields(node):
-        if field.name == name and name in fields:
-            new = as_hyperparameter(value, name=name, **fields[name])
-            replaced += 1
-        else:
-            new, count = replace_hyperparameter(getattr(node, field.name), name, value)
-            if not count:
-                continue
-            replaced += count
-        node = eqx.tree_at(
-            lambda m, f=field.name: getattr(m, f),
-            node,
-            new,
-            is_leaf=lambda x: x is None,
-        )
-    return node, replaced

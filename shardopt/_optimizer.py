@@ -11,19 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from . import _debug
 from ._base import (
     AbstractTransform,
     Params,
     State,
     apply_updates,
+    replace_hyperparameter,
     safe_increment,
+    transforms_in,
     update_with_extra_args,
 )
-from ._hyperparams import (
-    hyperparameter_fields,
-    replace_hyperparameter,
-    transforms_in,
-)
+from ._hyperparams import hyperparameter_fields
 from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
 from ._transforms._matrix_layout import using_matrix_layout
@@ -136,6 +135,8 @@ class Optimizer(eqx.Module):
             updates, state = update_with_extra_args(
                 self.transform, grads, self.state, tp, extra_args
             )
+        if _debug.active():
+            _debug.check_step(self.count, grads, updates)
         count = safe_increment(self.count)
         if plan is not None:
             state = plan.constrain(state, plan.state_shardings(state, tp))

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import shardopt
+from shardopt.checkpoint import _handler
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
@@ -176,6 +177,8 @@ def train(
             params_like, opt_like = like(plan)
             got = manager.restore(params=params_like, opt=opt_like)
             params, opt, start = got.params, got.opt, got.step
+    if die_during_save is not None and jax.process_index() == 1:
+        _die_while_committing(die_during_save)
     run = make_step(opt)
     for i in range(start, steps):
         if die_at_step == i and jax.process_index() == 1:
@@ -183,14 +186,30 @@ def train(
         params, opt = run(params, opt, i)
         if manager is not None and save_every and (i + 1) % save_every == 0:
             manager.save(i + 1, params=params, opt=opt, data={"next_batch": i + 1})
-            if die_during_save == i + 1 and jax.process_index() == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
     if manager is not None:
         manager.close()
     out = summary(params, opt)
     out["resumed_from"] = start
     out["seconds"] = time.monotonic() - start_time
     return out
+
+
+def _die_while_committing(step: int) -> None:
+    """Make this process SIGKILL itself inside the background commit of ``step``.
+
+    Deterministic: ``save`` has returned and the step's files are being written,
+    but the step cannot be complete, since its commit waits for this process's
+    checksums. (Killing right after ``save`` returned raced with the commit of a
+    small step.)
+    """
+    write = _handler.write
+
+    def killing_write(records, directory):
+        if os.path.basename(os.path.dirname(directory)).split(".")[0] == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(records, directory)
+
+    _handler.write = killing_write
 
 
 def restore(ckpt_dir: str, stage: int, num_devices: int | None = None) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 
 import equinox as eqx
 import jax
@@ -19,6 +21,8 @@ from shardopt.checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    ChecksumError,
+    CorruptCheckpointError,
 )
 
 
@@ -181,7 +185,9 @@ def test_max_to_keep_keep_every_and_no_overwrite(tmp_path):
 def test_blocking_save(tmp_path):
     with CheckpointManager(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, params={"w": jnp.ones(4)})
-        assert os.listdir(tmp_path) == ["1"]
+        # written before save returns; the writer's lock is held until close
+        assert sorted(os.listdir(tmp_path)) == [".shardopt-writer", "1"]
+    assert os.listdir(tmp_path) == ["1"]
 
 
 def _array_files(directory):
@@ -193,12 +199,13 @@ def _array_files(directory):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupted_array_file(tmp_path, damage):
+def test_corrupted_array_file(tmp_path, damage, caplog):
     params = {"w": jnp.arange(4096.0).reshape(64, 64)}
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, params=params)
         ckpt.save(2, params={"w": params["w"] + 1})
-    files = _array_files(tmp_path / "2")
+    # the largest data file holds w's bytes
+    files = sorted(_array_files(tmp_path / "2"), key=os.path.getsize)[-1:]
     assert files
     for name in files:
         with open(name, "rb") as f:
@@ -209,15 +216,36 @@ def test_corrupted_array_file(tmp_path, damage):
             data[len(data) // 3] ^= 0xFF
         with open(name, "wb") as f:
             f.write(bytes(data))
-    # verify=True compares every array with its checksum: both damages are caught
-    with pytest.raises(CheckpointError, match="step 2"):
-        CheckpointManager(tmp_path).restore(params=params, verify=True)
-    if damage == "truncate":  # the default (no checksums) still refuses a short file
-        with pytest.raises(CheckpointError, match="step 2"):
-            CheckpointManager(tmp_path).restore(params=params)
-    # step 1 is untouched
-    got = CheckpointManager(tmp_path).restore(1, params=params)
-    assert np.array_equal(got.params["w"], params["w"])
+    # the default restore checks every array: both damages are caught, named
+    with pytest.raises(CorruptCheckpointError) as err:
+        CheckpointManager(tmp_path).restore(params=params)
+    message = str(err.value)
+    assert "step 2" in message and "params/w" in message, message
+    assert "2/arrays" in message and "The newest intact step is 1" in message
+    if damage == "truncate":
+        assert "truncated" in message and os.path.basename(files[0]) in message
+    else:
+        assert isinstance(err.value, ChecksumError)
+    # fallback=True restores step 1 instead, and says so
+    with caplog.at_level("WARNING", logger="shardopt.checkpoint"):
+        got = CheckpointManager(tmp_path).restore(params=params, fallback=True)
+    assert got.step == 1 and np.array_equal(got.params["w"], params["w"])
+    assert "Restored step 1 instead" in caplog.text
+    if damage == "flip":  # verify=False is the explicit opt-out
+        got = CheckpointManager(tmp_path).restore(params=params, verify=False)
+        assert got.step == 2 and not np.array_equal(got.params["w"], params["w"] + 1)
+
+
+def test_corrupted_without_intact_step(tmp_path):
+    params = {"w": jnp.arange(256.0)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+    for name in _array_files(tmp_path / "1"):
+        with open(name, "r+b") as f:
+            f.seek(40)
+            f.write(b"\xff" * 16)
+    with pytest.raises(CorruptCheckpointError, match="No earlier step is intact"):
+        CheckpointManager(tmp_path).restore(params=params, fallback=True)
 
 
 def test_without_checksums(tmp_path):
@@ -229,3 +257,40 @@ def test_without_checksums(tmp_path):
     assert np.array_equal(got.params["w"], params["w"])
     with pytest.raises(CheckpointError, match="saved with checksums=False"):
         CheckpointManager(tmp_path).restore(params=params, verify=True)
+
+
+def test_zero_size_leaves_round_trip(tmp_path):
+    """Orbax cannot write arrays without elements: they live in the record."""
+    params = {"w": jnp.arange(8.0), "empty": jnp.zeros((8, 0), jnp.bfloat16)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+        ckpt.save(2, params={"only": jnp.zeros((0,))})
+    m = mesh(4)
+    like = jax.device_put(params, NamedSharding(m, P()))
+    got = CheckpointManager(tmp_path).restore(1, params=like)
+    assert arrays_equal(got.params, params)
+    assert got.params["empty"].sharding == like["empty"].sharding
+    got = CheckpointManager(tmp_path).restore(params={"only": jnp.ones((0,))})
+    assert got.params["only"].shape == (0,)
+
+
+def test_checkpoints_with_adler32_records_are_still_verified(tmp_path):
+    """Before CRC-32, records held Adler-32: such steps restore and are checked."""
+    params = {"w": jnp.arange(64.0)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+    (partial,) = (tmp_path / "1" / "checksums").glob("partial_*.json")
+    records = json.loads(partial.read_text())
+    data = np.asarray(params["w"])
+    for record in records:
+        region = tuple(slice(a, b) for a, b in record.pop("index"))
+        record["index"] = [[s.start, s.stop] for s in region]
+        record["adler32"] = zlib.adler32(data[region].view(np.uint8))
+        del record["crc32"]
+    partial.write_text(json.dumps(records))
+    got = CheckpointManager(tmp_path).restore(params=params)
+    assert np.array_equal(got.params["w"], data)
+    records[0]["adler32"] += 1
+    partial.write_text(json.dumps(records))
+    with pytest.raises(ChecksumError, match=r"params/w \(checksum mismatch"):
+        CheckpointManager(tmp_path).restore(params=params)

@@ -66,6 +66,7 @@ def layer(module: str) -> str | None:
         "_hyperparams",
         "_interop",
         "_microbatch",
+        "_debug",
     }:
         return "core"
     if top in {"_transforms", "_schedules", "_alias"}:

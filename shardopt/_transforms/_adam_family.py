@@ -75,7 +75,7 @@ class ScaleByAdamax(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE, guards_division_with=())
     nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
@@ -124,7 +124,9 @@ class ScaleByAmsgrad(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
     bias_correction_mu: bool = eqx.field(static=True)
@@ -193,7 +195,9 @@ class ScaleByBelief(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     nesterov: bool = eqx.field(static=True)
     nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
@@ -252,7 +256,9 @@ class ScaleByYogi(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     initial_accumulator_value: Hyperparameter = hyperparameter(
         "initial_accumulator_value", POSITIVE
@@ -316,7 +322,9 @@ class ScaleByRadam(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     threshold: Hyperparameter = hyperparameter("threshold", REAL)
     nesterov: bool = eqx.field(static=True)

@@ -59,7 +59,9 @@ class ScaleByNovograd(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     weight_decay: Hyperparameter = hyperparameter("weight_decay", REAL)
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
@@ -124,7 +126,9 @@ class ScaleByAdan(AbstractTransform):
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
     b3: Hyperparameter = hyperparameter("b3", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
 
     def init(self, params: Params) -> ScaleByAdanState:

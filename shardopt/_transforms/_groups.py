@@ -16,8 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._base import AbstractTransform, Params, Updates
-from .._hyperparams import hyperparameter_fields, replace_hyperparameter, transforms_in
+from .._base import (
+    AbstractTransform,
+    Params,
+    Updates,
+    replace_hyperparameter,
+    transforms_in,
+)
+from .._hyperparams import hyperparameter_fields
 from .._interop import as_transform
 from .._tree import StaticTree, trainable
 from ._combinators import MaskedState

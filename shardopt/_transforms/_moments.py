@@ -81,7 +81,9 @@ class ScaleByAdam(AbstractTransform):
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("eps_root",)
+    )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
     nesterov: bool = eqx.field(static=True)

@@ -42,7 +42,9 @@ class ScaleByRms(AbstractTransform):
     """
 
     decay: Hyperparameter = hyperparameter("decay", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("initial_scale",)
+    )
     initial_scale: Hyperparameter = hyperparameter("initial_scale", NONNEGATIVE)
     eps_in_sqrt: bool = eqx.field(static=True)
     bias_correction: bool = eqx.field(static=True)
@@ -92,7 +94,9 @@ class ScaleByStddev(AbstractTransform):
     """
 
     decay: Hyperparameter = hyperparameter("decay", UNIT_INTERVAL)
-    eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    eps: Hyperparameter = hyperparameter(
+        "eps", NONNEGATIVE, guards_division_with=("initial_scale",)
+    )
     initial_scale: Hyperparameter = hyperparameter("initial_scale", NONNEGATIVE)
     eps_in_sqrt: bool = eqx.field(static=True)
     bias_correction: bool = eqx.field(static=True)

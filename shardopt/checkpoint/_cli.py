@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from rich.progress import Progress
 
+from . import _checksum
 from ._checksum import check
 from ._errors import CheckpointError
 from ._handler import ChecksumRestore
@@ -73,6 +74,11 @@ def _read(ckpt: CheckpointManager, step: int, meta: dict, items, progress=None):
 
 def _open_step(args) -> tuple[CheckpointManager, int, dict]:
     """The manager of ``args.dir``, the step asked for (or the latest), its record."""
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise CheckpointError(
+            f"{args.dir} is a file, not a checkpoint directory: pass the directory "
+            f"that holds the step folders{_root_hint(args.dir)}"
+        )
     if not os.path.isdir(args.dir):
         raise CheckpointError(f"{args.dir}: no such directory")
     ckpt = CheckpointManager(args.dir, create=False)
@@ -80,6 +86,16 @@ def _open_step(args) -> tuple[CheckpointManager, int, dict]:
         raise CheckpointError(f"{args.dir}: no fully written checkpoint step")
     step = ckpt._resolve(args.step)
     return ckpt, step, ckpt.metadata(step)
+
+
+def _root_hint(path: str) -> str:
+    """`` (here: ROOT)`` when ``path`` lies inside a step of a checkpoint."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent != os.path.dirname(parent):
+        if os.path.basename(parent).isdigit():
+            return f" (here: {os.path.dirname(parent)})"
+        parent = os.path.dirname(parent)
+    return ""
 
 
 def _size(n: int) -> str:
@@ -152,7 +168,7 @@ def verify(args) -> int:
         if not recorded:
             checked += 1
             continue
-        if not found or any(r["adler32"] is None for r in found):
+        if not found or any(_checksum.recorded(r)[1] is None for r in found):
             problems.append(f"{name}: no checksum recorded")
         problem = check(value, found)
         if problem:

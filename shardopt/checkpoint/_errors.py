@@ -15,8 +15,20 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint does not hold the leaves the target tree needs."""
 
 
-class ChecksumError(CheckpointError):
+class CorruptCheckpointError(CheckpointError):
+    """A step's files are damaged: truncated, or bytes that differ from the save.
+
+    The message names the step, the item, the array and the file, and which
+    earlier step is intact; ``restore(..., fallback=True)`` restores that one.
+    """
+
+
+class ChecksumError(CorruptCheckpointError):
     """An array read back differs from the one that was saved."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another live manager is saving into the same directory."""
 
 
 def mismatch_message(

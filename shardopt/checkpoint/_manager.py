@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
 import glob
 import json
@@ -16,65 +16,46 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from .._hyperparams import as_count
 from .._optimizer import Optimizer
-from .._tree import distinct_buffers
-from ._checksum import check, collect
+from . import _housekeeping as house
+from ._checksum import collect
 from ._errors import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
-    ChecksumError,
-    mismatch_message,
+    CorruptCheckpointError,
 )
 from ._handler import ChecksumRestore, ChecksumSave
+from ._record import (
+    Restored,
+    check_save_args,
+    check_targets,
+    first_line,
+    layout,
+)
 from ._tree import (
     Nested,
     abstract_target,
     describe_sharding,
+    empty_like,
     find_mesh,
     for_saving,
     from_nested,
     nested_paths,
+    put_path,
     replicated,
+    split_empty,
     to_nested,
 )
+from ._verify import read_error, verify_arrays
 
 FORMAT = "shardopt-checkpoint/2"
 META = "shardopt"
 ARRAYS = "arrays"  # one Orbax item holding the parts below: one write, one read
 ARRAY_ITEMS = ("params", "opt_state", "opt_hyperparameters", "extras")
 ITEMS = (ARRAYS, "checksums", META)
-
-KEEP_HYPERPARAMETERS_HINT = (
-    "  The optimizer's transform differs from the saved one (another optimizer, or "
-    "a float that became a schedule?). To keep the moments and the count with the "
-    "target's hyperparameters, pass keep_hyperparameters=True."
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-    """What :meth:`CheckpointManager.restore` read: ``None`` for what was not asked.
-
-    ``params`` and ``opt`` have the structure and the shardings of the targets
-    that were passed; ``rng`` is the PRNG key, ``data`` the data-loader position
-    and ``metadata`` the JSON dict given to ``save``. No two array leaves of
-    ``params``, ``opt`` and ``rng`` share a device buffer, so the whole result
-    can be donated to the next step.
-    """
-
-    step: int
-    params: PyTree = None
-    opt: Optimizer | None = None
-    rng: jax.Array | None = None
-    data: Any = None
-    metadata: dict | None = None
-
-    def __post_init__(self):
-        params, opt, rng = distinct_buffers((self.params, self.opt, self.rng))
-        object.__setattr__(self, "params", params)
-        object.__setattr__(self, "opt", opt)
-        object.__setattr__(self, "rng", rng)
+EMPTY_MARK = "_only_empty_arrays"  # what is written when every array is empty
 
 
 class CheckpointManager:
@@ -109,11 +90,15 @@ class CheckpointManager:
         async_save: write in a background thread (default) or block in ``save``.
         create: create ``directory`` if missing; otherwise a missing directory
             raises :class:`CheckpointNotFoundError`.
-        checksums: record every shard's Adler-32 at save (in Orbax's background
-            thread, so ``save`` does not wait for it) for ``restore(verify=True)``
-            and ``shardopt-ckpt verify``. One extra pass over the bytes: about
-            +0.3 s per 340 MiB on a 2-core machine, less with spare cores. Orbax
-            itself catches truncated files but not flipped bytes in the data.
+        checksums: record every shard's CRC-32 at save (in Orbax's background
+            thread, so ``save`` does not wait for it), checked by every
+            ``restore`` and by ``shardopt-ckpt verify``.
+
+    A pending asynchronous save is finished when the interpreter exits
+    normally, without ``close()``; only one live manager may save into a
+    directory (:class:`CheckpointLockedError`); the partial steps a killed
+    process leaves are removed when a manager next opens the directory. See
+    ``docs/reliability.md``.
     """
 
     def __init__(
@@ -126,6 +111,12 @@ class CheckpointManager:
         create: bool = True,
         checksums: bool = True,
     ):
+        if max_to_keep is not None:
+            max_to_keep = as_count(max_to_keep, name="max_to_keep", low=1)
+        if keep_every is not None:
+            keep_every = as_count(keep_every, name="keep_every", low=1)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         self.directory = os.path.abspath(os.fspath(directory))
         if not create and not os.path.isdir(self.directory):
             raise CheckpointNotFoundError(
@@ -146,10 +137,13 @@ class CheckpointManager:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             create=create,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # done below, synchronously
+            todelete_subdir=house.DELETING,  # an old step goes away atomically
             preservation_policy=policy,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            house.remove_leftovers(self.directory)
         self._pending: int | None = None
         self._checksums = checksums
 
@@ -172,13 +166,19 @@ class CheckpointManager:
             self._manager.wait_until_finished()
         except Exception as err:
             step, self._pending = self._pending, None
+            house.settled(self)
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
-                f"{type(err).__name__}: {_first_line(err)}. Nothing of step {step} "
+                f"{type(err).__name__}: {first_line(err)}. Nothing of step {step} "
                 f"was kept; the steps saved before are intact: {self.all_steps()}"
             ) from err
         self._pending = None
+        house.settled(self)
+        if jax.process_index() == 0:  # old steps Orbax renamed away
+            deleting = os.path.join(self.directory, house.DELETING)
+            if os.path.isdir(deleting):
+                shutil.rmtree(deleting, ignore_errors=True)
 
     def close(self) -> None:
         """Wait for pending saves (raising if one failed), then release resources."""
@@ -186,6 +186,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._manager.close()
+            house.release(self.directory, id(self))
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -221,17 +222,16 @@ class CheckpointManager:
             data: a JSON value, e.g. the data loader's position.
             metadata: a JSON dict stored with the step, shown by ``inspect``.
         """
-        step = int(step)
-        if params is None and opt is None and rng is None:
-            raise ValueError("nothing to save: pass params=, opt= or rng=")
-        if opt is not None and not isinstance(opt, Optimizer):
-            raise TypeError(f"opt must be a shardopt.Optimizer, got {type(opt)}")
+        step = as_count(step, name="step")
+        check_save_args(params, opt, rng, data, metadata)
         if step in self._manager.all_steps():
             raise CheckpointError(
                 f"step {step} already exists in {self.directory}; it is not "
                 "overwritten (delete it first, or save under another step)"
             )
         self.wait()  # surface a failed previous save before starting another
+        if jax.process_index() == 0:
+            house.acquire(self.directory, self)
 
         items: dict[str, dict] = {}
         if params is not None:
@@ -272,13 +272,18 @@ class CheckpointManager:
             "metadata": metadata if metadata is not None else {},
             "data": data,
             "rng_impl": rng_impl,
-            "layout": _layout(params, opt),
+            "layout": layout(params, opt),
             "leaves": described,
             "checksum_order": names,
             "checksums": self._checksums,
         }
         if extras:
             items["extras"] = extras
+        # zero-size leaves are in the record only (Orbax cannot write them)
+        items = {name: split_empty(tree)[0] for name, tree in items.items()}
+        items = {name: tree for name, tree in items.items() if tree}
+        if not items:
+            items = {"extras": {EMPTY_MARK: jax.numpy.zeros((), np.int8)}}
         # One PyTree item for all arrays: each Orbax item costs its own
         # serialisation pass and threads (measured: 4 items block ~0.1 s longer).
         args: dict[str, Any] = {ARRAYS: ocp.args.PyTreeSave(items)}
@@ -286,14 +291,18 @@ class CheckpointManager:
             args["checksums"] = ChecksumSave(parts)
         args[META] = ocp.args.JsonSave(meta)
         self._pending = step
+        house.pending(self)
         try:
             self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as err:
             self._pending = None
+            house.settled(self)
+            with contextlib.suppress(Exception):  # let its threads stop first
+                self._manager.wait_until_finished()
             self._remove_partial(step)
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: "
-                f"{type(err).__name__}: {_first_line(err)}"
+                f"{type(err).__name__}: {first_line(err)}"
             ) from err
 
     # ---------------------------------------------------------------- restore
@@ -313,7 +322,8 @@ class CheckpointManager:
         except Exception as err:
             raise CheckpointError(
                 f"step {step} in {self.directory} has no readable shardopt record "
-                f"({type(err).__name__}: {_first_line(err)}); was it saved by "
+                f"{os.path.relpath(path, self.directory)} "
+                f"({type(err).__name__}: {first_line(err)}); was it saved by "
                 "shardopt.checkpoint?"
             ) from err
         meta = got[META]
@@ -330,7 +340,8 @@ class CheckpointManager:
         params: PyTree = None,
         opt: Optimizer | None = None,
         keep_hyperparameters: bool = False,
-        verify: bool = False,
+        verify: bool | None = None,
+        fallback: bool = False,
     ) -> Restored:
         """Restore a step (the latest by default) into the layout of the targets.
 
@@ -346,21 +357,59 @@ class CheckpointManager:
             opt: the target Optimizer (concrete or abstract).
             keep_hyperparameters: keep ``opt``'s transform (a new learning rate
                 or schedule) and restore only its state and count.
-            verify: also compare every array read with the checksum recorded at
-                save. Off by default: it reads every array back to the host, which
-                costs about as much as the restore itself on large jobs. Without
-                it, the leaves' paths, shapes and dtypes are still checked against
-                the saved record, and Orbax raises on a truncated file; run
-                ``shardopt-ckpt verify`` (or pass ``verify=True``) to also catch
-                flipped bytes.
+            verify: compare every array read with the checksums recorded at
+                save (each process its own shards, in a thread pool: about 5%
+                of a restore, see ``scripts/bench_checkpoint.py``). ``None``
+                (default): whenever the step has checksums; ``True``: also
+                raise if it has none; ``False``: skip the check.
+            fallback: if the step is corrupted, restore the newest intact
+                step before it instead, and log which.
 
         Raises:
             CheckpointNotFoundError: no such directory or step.
             CheckpointMismatchError: the targets' leaves differ from the saved
                 ones (the message lists the paths).
-            ChecksumError / CheckpointError: an array file is corrupted.
+            CorruptCheckpointError (ChecksumError): an array file of the step
+                is truncated or differs from the save; the message names the
+                step, the array and the file, and the newest intact step.
         """
         step = self._resolve(step)
+        args = (params, opt, keep_hyperparameters, verify)
+        try:
+            return self._restore_step(step, *args)
+        except CorruptCheckpointError as err:
+            intact = None
+            for earlier in reversed([s for s in self.all_steps() if s < step]):
+                try:
+                    intact = self._restore_step(earlier, *args)
+                    break
+                except (CorruptCheckpointError, CheckpointMismatchError):
+                    continue
+            if intact is None:
+                raise type(err)(
+                    f"{err}. No earlier step is intact either "
+                    f"(steps present: {self.all_steps()})."
+                ) from err
+            if not fallback:
+                raise type(err)(
+                    f"{err}. The newest intact step is {intact.step}: restore it "
+                    f"with restore({intact.step}, ...), or pass fallback=True."
+                ) from err
+            house.LOG.warning(
+                "%s. Restored step %d instead, the newest intact step (fallback=True).",
+                err,
+                intact.step,
+            )
+            return intact
+
+    def _restore_step(
+        self,
+        step: int,
+        params: PyTree,
+        opt: Optimizer | None,
+        keep_hyperparameters: bool,
+        verify: bool | None,
+    ) -> Restored:
         meta = self.metadata(step)
         mesh = find_mesh(params) or find_mesh(opt)
         targets: dict[str, dict] = {}
@@ -373,33 +422,15 @@ class CheckpointManager:
             if not keep_hyperparameters:
                 targets["opt_hyperparameters"] = abstract_target(opt.transform, mesh)
         saved_leaves = meta["leaves"]
-        for name, target in targets.items():
-            saved = {
-                p: (tuple(d["shape"]), d["dtype"])
-                for p, d in saved_leaves.get(name, {}).items()
-            }
-            if name not in saved_leaves and target:
-                raise CheckpointMismatchError(
-                    f"step {step} in {self.directory} holds no {name!r}; it has "
-                    f"{', '.join(k for k in saved_leaves if saved_leaves[k])}"
-                )
-            wanted = {
-                p: (tuple(x.shape), np.dtype(x.dtype).name)
-                for p, x in nested_paths(target).items()
-            }
-            hint = KEEP_HYPERPARAMETERS_HINT if name == "opt_hyperparameters" else ""
-            message = mismatch_message(name, saved, wanted, hint)
-            if message:
-                raise CheckpointMismatchError(
-                    f"step {step} in {self.directory}: {message}"
-                )
+        check_targets(step, self.directory, saved_leaves, targets)
         extras_target = {}
         if "rng" in saved_leaves.get("extras", {}):
             d = saved_leaves["extras"]["rng"]
             extras_target["rng"] = jax.ShapeDtypeStruct(
                 tuple(d["shape"]), np.dtype(d["dtype"]), sharding=replicated(mesh)
             )
-        if verify and not meta.get("checksums", True):
+        recorded = meta.get("checksums", True)
+        if verify and not recorded:
             raise CheckpointError(
                 f"step {step} in {self.directory} was saved with checksums=False: "
                 "there is nothing to verify against; restore with verify=False"
@@ -407,22 +438,34 @@ class CheckpointManager:
         wanted = {name: target for name, target in targets.items() if target}
         if extras_target:
             wanted["extras"] = extras_target
+        verify = recorded if verify is None else verify
+        reads, empty = {}, {}
+        for name, target in wanted.items():
+            kept, found = split_empty(target)
+            if kept:
+                reads[name] = kept
+            empty.update({f"{name}/{path}": x for path, x in found.items()})
         try:
-            got = self._read_arrays(step, wanted)
+            got = self._read_arrays(step, reads) if reads else {}
+            for path, target in empty.items():
+                put_path(got, path, empty_like(target))
             if verify:
                 got["checksums"] = self._manager.restore(
                     step, args=ocp.args.Composite(checksums=ChecksumRestore())
                 )["checksums"]
         except Exception as err:
+            damaged = read_error(err, step, self.directory, ARRAYS)
+            if damaged is not None:
+                raise damaged from err
             raise CheckpointError(
                 f"reading step {step} from {self.directory} failed: "
-                f"{type(err).__name__}: {_first_line(err)}. An array file may be "
+                f"{type(err).__name__}: {first_line(err)}. An array file may be "
                 f"truncated or corrupted: run `shardopt-ckpt verify "
                 f"{self.directory} --step {step}`"
             ) from err
         if verify:
             arrays = {n: got[n] for n in wanted}
-            _verify(step, self.directory, meta, arrays, got["checksums"])
+            verify_arrays(step, self.directory, ARRAYS, meta, arrays, got["checksums"])
 
         out: dict[str, Any] = {"step": step, "data": meta["data"]}
         out["metadata"] = meta["metadata"]
@@ -485,57 +528,9 @@ class CheckpointManager:
                     "fully written step"
                 )
             return steps[-1]
-        if int(step) not in steps:
+        step = as_count(step, name="step")
+        if step not in steps:
             raise CheckpointNotFoundError(
                 f"no step {step} in {self.directory}; steps present: {steps or 'none'}"
             )
         return int(step)
-
-
-def _verify(
-    step: int, directory: str, meta: dict, got: dict, records: list[dict]
-) -> None:
-    """Compare the arrays read with the checksums recorded at save time."""
-    order = {name: i for i, name in enumerate(meta["checksum_order"])}
-    by_leaf: dict[int, list] = {}
-    for record in records:
-        by_leaf.setdefault(record["leaf"], []).append(record)
-    bad = []
-    for item, tree in got.items():
-        for path, leaf in nested_paths(tree).items():
-            name = f"{item}/{path}"
-            if name in order and leaf.is_fully_addressable:
-                problem = check(np.asarray(leaf), by_leaf.get(order[name], []))
-                if problem:
-                    bad.append(f"{name} ({problem})")
-    if bad:
-        raise ChecksumError(
-            f"step {step} in {directory}: {len(bad)} array(s) differ from what was "
-            f"saved (corrupted files?): {', '.join(bad[:20])}"
-        )
-
-
-def _layout(params: PyTree, opt: Optimizer | None) -> dict:
-    """What the step was saved from: processes, devices, meshes and plan."""
-    meshes = []
-    for tree in (params, opt):
-        mesh = find_mesh(tree) if tree is not None else None
-        if mesh is not None:
-            entry = {"axes": {str(k): int(v) for k, v in mesh.shape.items()}}
-            if entry not in meshes:
-                meshes.append(entry)
-    layout: dict[str, Any] = {
-        "process_count": jax.process_count(),
-        "device_count": jax.device_count(),
-        "platform": jax.devices()[0].platform,
-        "meshes": meshes,
-    }
-    plan = getattr(opt, "plan", None)
-    if plan is not None:
-        layout["plan"] = repr(plan)
-    return layout
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

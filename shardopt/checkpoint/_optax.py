@@ -34,7 +34,7 @@ from ._errors import (
     CheckpointNotFoundError,
     mismatch_message,
 )
-from ._manager import Restored
+from ._record import Restored
 from ._tree import abstract_target, find_mesh, from_nested, nested_paths, replicated
 
 COUNT = "count"

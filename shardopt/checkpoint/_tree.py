@@ -163,3 +163,39 @@ def describe_sharding(sharding: Any) -> str:
     if isinstance(sharding, SingleDeviceSharding):
         return f"single device {next(iter(sharding.device_set))}"
     return type(sharding).__name__ if sharding is not None else "unknown"
+
+
+def split_empty(nested: Any, prefix: str = "") -> tuple[Any, dict[str, Any]]:
+    """``(nested without its zero-size leaves, {path: zero-size leaf})``.
+
+    Orbax refuses to write arrays with no elements; they hold no data, so a
+    checkpoint records only their shape and dtype and rebuilds them on restore.
+    """
+    if not isinstance(nested, dict):
+        if getattr(nested, "size", 1) == 0:
+            return None, {prefix: nested}
+        return nested, {}
+    kept, empty = {}, {}
+    for key, value in nested.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        sub, found = split_empty(value, path)
+        empty.update(found)
+        if sub is not None and not (isinstance(sub, dict) and not sub):
+            kept[key] = sub
+    return kept, empty
+
+
+def put_path(nested: Nested, path: str, value: Any) -> None:
+    """Set ``nested['a']['b']...`` for the path ``'a/b/...'``, creating dicts."""
+    keys = path.split("/")
+    for key in keys[:-1]:
+        nested = nested.setdefault(key, {})
+    nested[keys[-1]] = value
+
+
+def empty_like(target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A zero-size array of ``target``'s shape and dtype, in its layout."""
+    value = np.zeros(target.shape, target.dtype)
+    return jax.make_array_from_callback(
+        target.shape, target.sharding, lambda index: value[index]
+    )

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .._hyperparams import as_count
 from . import _multihost as mh
 
 _TAIL_LINES = 80
@@ -176,6 +177,8 @@ def launch_local(
         result = shardopt.launch_local("tasks:train", 2, 4, args=(10,))
         params_0, params_1 = result.values
     """
+    num_processes = as_count(num_processes, name="num_processes")
+    devices_per_process = as_count(devices_per_process, name="devices_per_process")
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(
             "num_processes and devices_per_process must be >= 1, got "

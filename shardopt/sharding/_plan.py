@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from .._hyperparams import as_count
 from .._tree import describe, path_str, trainable
 from ._collectives import BUCKET_BYTES
 from ._grad import value_and_grad as _value_and_grad
@@ -303,6 +304,8 @@ class ShardingPlan:
             return base, None, "the data axes have size 1"
         if not shape:
             return base, None, "scalar"
+        if math.prod(shape) == 0:  # and jax 0.10 mis-shapes such shards on CPU
+            return base, None, "zero-size: nothing to partition"
         if math.prod(shape) < self.min_size:
             return base, None, f"smaller than min_size={self.min_size} elements"
         fits = [
@@ -564,11 +567,11 @@ def zero(
                 f"override for {name} must be a PartitionSpec, got {spec!r}"
             )
     return ShardingPlan(
-        int(stage),
+        as_count(stage, name="stage", high=3),
         mesh,
         tuple(data_axes),
-        min_size=int(min_size),
+        min_size=as_count(min_size, name="min_size"),
         strict=bool(strict),
         overrides=items,
-        bucket_bytes=int(bucket_bytes),
+        bucket_bytes=as_count(bucket_bytes, name="bucket_bytes"),
     )

@@ -1,0 +1,202 @@
+"""Checking what a restore read against the checksums recorded at save.
+
+Every restore does it by default. Each process checks only the shards it holds
+(the first copy of each), so the cost is one CRC-32 pass over this process's
+bytes, run in a thread pool (zlib releases the GIL) while nothing else waits.
+A recorded slice that no single local shard contains (the array was saved in
+another layout) is checked on the process's whole copy of the array, when the
+process has one; on several processes such a slice is left to the processes
+whose shards contain it.
+
+Damaged files are named: a short read names the OCDBT key and, from the size
+TensorStore reports, the data file that is too short; a checksum mismatch names
+the leaf, its item and the data files of the item.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import os
+import re
+
+import numpy as np
+
+from ._checksum import digest, recorded
+from ._errors import ChecksumError, CorruptCheckpointError
+from ._tree import nested_paths
+
+_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="shardopt_verify"
+)
+
+
+def _contains(shard_index: list[list[int]], region: list[list[int]]) -> bool:
+    return all(
+        a <= b and d <= c for (a, c), (b, d) in zip(shard_index, region, strict=True)
+    )
+
+
+def _shard_bounds(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:
+    out = []
+    for s, n in zip(index, shape, strict=True):
+        start, stop, _ = s.indices(n)
+        out.append([start, stop])
+    return out
+
+
+def _check_leaf(leaf, records: list[dict]) -> str | None:
+    """``None`` if every recorded slice this process can see matches, else why."""
+    records = [r for r in records if recorded(r)[1] is not None]
+    if not records:
+        return None
+    shards = [
+        (_shard_bounds(s.index, leaf.shape), s)
+        for s in leaf.addressable_shards
+        if s.replica_id == 0
+    ]
+    host: dict[int, np.ndarray] = {}
+
+    def data(i: int) -> np.ndarray:
+        if i not in host:
+            host[i] = np.asarray(shards[i][1].data)
+        return host[i]
+
+    for record in records:
+        region = record["index"]
+        for i, (bounds, _) in enumerate(shards):
+            if _contains(bounds, region):
+                local = tuple(
+                    slice(a - o, b - o)
+                    for (a, b), (o, _) in zip(region, bounds, strict=True)
+                )
+                part = data(i)[local]
+                break
+        else:  # saved in another layout: put the region together from shards
+            part = _assemble(region, shards, data, leaf.dtype)
+            if part is None:
+                continue  # partly on another process, which checks its part
+        algorithm, value = recorded(record)
+        if digest(part, algorithm) != value:
+            where = ",".join(f"{a}:{b}" for a, b in region)
+            return f"checksum mismatch in [{where}]"
+    return None
+
+
+def _assemble(region, shards, data, dtype) -> np.ndarray | None:
+    """The ``region`` of the array from the local shards; None if not all local.
+
+    The first copies of the shards tile the array, so the region is covered
+    exactly when the overlaps add up to its size.
+    """
+    shape = tuple(b - a for a, b in region)
+    out = np.empty(shape, dtype)
+    covered = 0
+    for i, (bounds, _) in enumerate(shards):
+        lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds, strict=True)]
+        hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds, strict=True)]
+        if any(h <= low for low, h in zip(lo, hi, strict=True)) and shape:
+            continue
+        dst = tuple(
+            slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, region, strict=True)
+        )
+        src = tuple(
+            slice(low - c, h - c) for low, h, (c, _) in zip(lo, hi, bounds, strict=True)
+        )
+        out[dst] = data(i)[src]
+        covered += int(np.prod([h - low for low, h in zip(lo, hi, strict=True)]))
+    return out if covered == out.size else None
+
+
+def data_files(directory: str, step: int, item: str) -> list[str]:
+    """The files holding array bytes of ``item`` (largest first)."""
+    root = os.path.join(directory, str(step), item)
+    found = glob.glob(os.path.join(root, "d", "*")) + glob.glob(
+        os.path.join(root, "ocdbt.process_*", "d", "*")
+    )
+    return sorted(found, key=lambda p: -os.path.getsize(p))
+
+
+def verify_arrays(
+    step: int,
+    directory: str,
+    item_dir: str,
+    meta: dict,
+    got: dict,
+    records: list[dict],
+) -> None:
+    """Raise :class:`ChecksumError` naming the first leaves that differ."""
+    order = {name: i for i, name in enumerate(meta["checksum_order"])}
+    by_leaf: dict[int, list] = {}
+    for record in records:
+        by_leaf.setdefault(record["leaf"], []).append(record)
+    jobs = {}
+    for item, tree in got.items():
+        for path, leaf in nested_paths(tree).items():
+            name = f"{item}/{path}"
+            if name in order and by_leaf.get(order[name]):
+                jobs[name] = _POOL.submit(_check_leaf, leaf, by_leaf[order[name]])
+    bad = [(name, job.result()) for name, job in jobs.items()]
+    bad = [(name, problem) for name, problem in bad if problem]
+    if bad:
+        files = data_files(directory, step, item_dir)
+        shown = ", ".join(os.path.relpath(f, directory) for f in files[:3])
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        leaves = ", ".join(f"{name} ({problem})" for name, problem in bad[:20])
+        raise ChecksumError(
+            f"step {step} in {directory} is corrupted: {len(bad)} array(s) differ "
+            f"from what was saved: {leaves}; the bytes are in "
+            f"{os.path.join(str(step), item_dir)} (files {shown}{more})"
+        )
+
+
+_KEY = re.compile(r'Error reading "([^"]+)"')
+_FILE = re.compile(r'local file "([^"]+)"')
+_SIZES = re.compile(r"byte range \[\d+, (\d+)\) is not valid for value of size (\d+)")
+
+
+def read_error(
+    err: BaseException, step: int, directory: str, item_dir: str
+) -> CorruptCheckpointError | None:
+    """Orbax's error on reading a damaged file, as one that names the file.
+
+    ``None`` when ``err`` does not look like a damaged file.
+    """
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(chain)
+    key = _KEY.search(text)
+    if key is None and "reading array" not in text:
+        return None
+    leaf = ""
+    if key is not None:
+        # OCDBT keys are "<item>.<path with dots>/<chunk>"
+        leaf = key.group(1).split("/")[0].replace(".", "/", 1)
+    files = data_files(directory, step, item_dir)
+    sizes = _SIZES.search(text)
+    culprit = ""
+    if sizes is not None:
+        short = [f for f in files if os.path.getsize(f) == int(sizes.group(2))]
+        if short:
+            culprit = (
+                f"; the file {os.path.relpath(short[0], directory)} is "
+                f"{sizes.group(2)} bytes, shorter than the {sizes.group(1)} "
+                "bytes recorded (truncated)"
+            )
+    named = _FILE.findall(text)
+    if not culprit and named and os.path.isfile(named[-1]):
+        culprit = f"; the file {os.path.relpath(named[-1], directory)} is damaged"
+    if not culprit:
+        culprit = f"; the bytes are in {os.path.join(str(step), item_dir)}"
+    what = f" the array {leaf}" if leaf else " an array"
+    return CorruptCheckpointError(
+        f"step {step} in {directory} is corrupted: reading{what} failed "
+        f"({_last_line(chain)}){culprit}"
+    )
+
+
+def _last_line(chain: list[str]) -> str:
+    text = chain[-1].split(" [tensorstore_spec")[0].strip().splitlines()
+    return text[0] if text else "unknown error"
