@@ -121,6 +121,12 @@ from ._transforms._linesearch import (
 )
 from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
+from ._transforms._lowbit import QuantizedArray as QuantizedArray
+from ._transforms._lowbit import QuantizeState as QuantizeState
+from ._transforms._lowbit import dequantize as dequantize
+from ._transforms._lowbit import dynamic_map as dynamic_map
+from ._transforms._lowbit import quantize as quantize
+from ._transforms._lowbit import quantize_state as quantize_state
 from ._transforms._moments import scale_by_adam as scale_by_adam
 from ._transforms._moments import trace as trace
 from ._transforms._noise import add_noise as add_noise
