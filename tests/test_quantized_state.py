@@ -24,13 +24,15 @@ from shardopt.checkpoint import CheckpointManager
 P = PartitionSpec
 SHAPES = {"w1": (256, 512), "b1": (512,), "w2": (512, 256), "b2": (256,)}
 N_PARAMS = sum(int(np.prod(s)) for s in SHAPES.values())  # 262,912
+# for the runs: XLA:CPU here compiles without LLVM optimisations, so keep small
+SMALL = {"w1": (64, 128), "b1": (128,), "w2": (128, 64), "b2": (64,)}
 
 
-def make_params():
-    keys = jax.random.split(jax.random.key(0), len(SHAPES))
+def make_params(shapes=SHAPES):
+    keys = jax.random.split(jax.random.key(0), len(shapes))
     return {
         name: jax.random.normal(k, shape, jnp.float32) * 0.05
-        for k, (name, shape) in zip(keys, SHAPES.items(), strict=True)
+        for k, (name, shape) in zip(keys, shapes.items(), strict=True)
     }
 
 
@@ -41,7 +43,7 @@ def loss(params, x, y):
 
 def batch(i):
     kx = jax.random.fold_in(jax.random.key(1), i)
-    x = jax.random.normal(kx, (16, 256), jnp.float32)
+    x = jax.random.normal(kx, (16, 64), jnp.float32)
     return x, jnp.sin(x) * 0.5
 
 
@@ -181,10 +183,10 @@ def grad_step(params, opt, grads):
 
 
 def fixed_grads(i):
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(2), i), len(SHAPES))
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(2), i), len(SMALL))
     return {
         name: jax.random.normal(k, shape, jnp.float32) * 0.1
-        for k, (name, shape) in zip(keys, SHAPES.items(), strict=True)
+        for k, (name, shape) in zip(keys, SMALL.items(), strict=True)
     }
 
 
@@ -197,8 +199,9 @@ def run(stage, n_steps=3, tx_name="adamw"):
         "lion": lambda: shardopt.lion(3e-4, state_bits=8),
         "sgd": lambda: shardopt.sgd(3e-2, momentum=0.9, state_bits=8),
     }[tx_name]()
+    tx = shardopt.quantize_state(tx.inner, min_size=1024)  # SMALL's weights
     plan = shardopt.zero(stage, mesh(8), min_size=0)
-    params = plan.shard_params(make_params())
+    params = plan.shard_params(make_params(SMALL))
     opt = shardopt.Optimizer(tx, params, plan=plan)
     dtypes = jax.tree.map(lambda x: x.dtype, opt.state)
     before = TRACES[0]
@@ -235,9 +238,10 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     params, opt, _ = run(1)
     plan = shardopt.zero(1, mesh(8), min_size=0)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_params()
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_params(SMALL)
     )
-    like = shardopt.Optimizer(shardopt.adamw(3e-3, state_bits=8), abstract, plan=plan)
+    tx = shardopt.quantize_state(shardopt.adamw(3e-3), min_size=1024)
+    like = shardopt.Optimizer(tx, abstract, plan=plan)
     with CheckpointManager(tmp_path) as manager:
         manager.save(4, params=params, opt=opt)
         manager.wait()
@@ -255,14 +259,17 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 def test_converges_like_float32_adamw():
     finals = {}
     for bits in (None, 8):
-        params = make_params()
-        opt = shardopt.Optimizer(shardopt.adamw(3e-3, state_bits=bits), params)
+        params = make_params(SMALL)
+        tx = shardopt.adamw(3e-3)
+        if bits:
+            tx = shardopt.quantize_state(tx, min_size=1024)
+        opt = shardopt.Optimizer(tx, params)
         for i in range(60):
             params, opt, value = train_step(params, opt, *batch(i % 4))
         finals[bits] = float(value)
     ratio = finals[8] / finals[None]
     print(f"final loss: float32 {finals[None]:.6f}, 8-bit {finals[8]:.6f}, {ratio=}")
-    assert finals[None] < 0.5 * float(loss(make_params(), *batch(0)))
+    assert finals[None] < 0.5 * float(loss(make_params(SMALL), *batch(0)))
     assert abs(ratio - 1) < 0.02
 
 
