@@ -168,6 +168,12 @@ from ._transforms._linesearch import (
 )
 from ._transforms._lookahead import LookaheadParams as LookaheadParams
 from ._transforms._lookahead import lookahead as lookahead
+from ._transforms._lowbit import QuantizedArray as QuantizedArray
+from ._transforms._lowbit import QuantizeState as QuantizeState
+from ._transforms._lowbit import dequantize as dequantize
+from ._transforms._lowbit import dynamic_map as dynamic_map
+from ._transforms._lowbit import quantize as quantize
+from ._transforms._lowbit import quantize_state as quantize_state
 from ._transforms._madgrad import MadgradState as MadgradState
 from ._transforms._madgrad import scale_by_madgrad as scale_by_madgrad
 from ._transforms._matrix_shapes import (

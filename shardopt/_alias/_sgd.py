@@ -7,6 +7,7 @@ from jax.typing import DTypeLike
 from .._base import identity
 from .._hyperparams import ScalarOrSchedule
 from .._transforms._combinators import Chain, chain
+from .._transforms._lowbit import QuantizeState, with_state_bits
 from .._transforms._moments import trace
 from .._transforms._scale import scale_by_learning_rate
 
@@ -16,16 +17,22 @@ def sgd(
     momentum: ScalarOrSchedule | None = None,
     nesterov: bool = False,
     accumulator_dtype: DTypeLike | None = None,
-) -> Chain:
+    *,
+    state_bits: int | None = None,
+) -> Chain | QuantizeState:
     """Stochastic gradient descent, with optional (Nesterov) momentum.
 
     Robbins & Monro, "A Stochastic Approximation Method", 1951; momentum after
     Sutskever et al., "On the importance of initialization and momentum in deep
     learning", ICML 2013.
+
+    ``state_bits=8`` keeps the moments in 8 bits (:func:`shardopt.quantize_state`).
     """
     momentum_part = (
         identity()
         if momentum is None
         else trace(momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
     )
-    return chain(momentum_part, scale_by_learning_rate(learning_rate))
+    return with_state_bits(
+        chain(momentum_part, scale_by_learning_rate(learning_rate)), state_bits
+    )

@@ -8,6 +8,7 @@ from .._hyperparams import UNIT_INTERVAL, ScalarOrSchedule, as_hyperparameter
 from .._transforms._averaging import ema
 from .._transforms._combinators import Chain, chain
 from .._transforms._decay import add_decayed_weights
+from .._transforms._lowbit import QuantizeState, with_state_bits
 from .._transforms._scale import scale_by_learning_rate
 from .._transforms._sign import scale_by_lion, scale_by_sign
 from ._types import Mask
@@ -20,12 +21,20 @@ def lion(
     mu_dtype: DTypeLike | None = None,
     weight_decay: ScalarOrSchedule = 1e-3,
     mask: Mask = None,
-) -> Chain:
-    """Lion. Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023."""
-    return chain(
-        scale_by_lion(b1, b2, mu_dtype),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+    *,
+    state_bits: int | None = None,
+) -> Chain | QuantizeState:
+    """Lion. Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023.
+
+    ``state_bits=8`` keeps the moments in 8 bits (:func:`shardopt.quantize_state`).
+    """
+    return with_state_bits(
+        chain(
+            scale_by_lion(b1, b2, mu_dtype),
+            add_decayed_weights(weight_decay, mask),
+            scale_by_learning_rate(learning_rate),
+        ),
+        state_bits,
     )
 
 

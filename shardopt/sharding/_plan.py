@@ -292,9 +292,10 @@ class ShardingPlan:
             )
 
     def zero_spec(
-        self, base: PartitionSpec, shape: tuple[int, ...]
+        self, base: PartitionSpec, shape: tuple[int, ...], exclude: tuple[int, ...] = ()
     ) -> tuple[PartitionSpec, int | None, str | None]:
-        """Add the free data axes to the largest dim they divide (ZeRO rule)."""
+        """Add the free data axes to the largest dim they divide (ZeRO rule),
+        never to the dims in ``exclude``."""
         used = {a for entry in base for a in axes_of(entry)}
         free = tuple(a for a in self.data_axes if a not in used)
         if not free:
@@ -311,7 +312,7 @@ class ShardingPlan:
         fits = [
             d
             for d, n in enumerate(shape)
-            if base[d] is None and n % size == 0 and n >= size
+            if base[d] is None and n % size == 0 and n >= size and d not in exclude
         ]
         if not fits:
             return base, None, f"no unsharded dim is divisible by {size}"

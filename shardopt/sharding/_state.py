@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from jaxtyping import PyTree
 
 from .._tree import describe, path_str, trainable
-from ._specs import LeafLayout, data_dim, normalise, pick
+from ._specs import LeafLayout, axes_of, data_dim, normalise, pick
 
 if TYPE_CHECKING:
     from ._plan import ShardingPlan
@@ -51,7 +51,7 @@ class StateLeaf:
     shape: tuple[int, ...]
     dtype: Any
     spec: PartitionSpec
-    kind: str  # "mirror", "factored", "other" or "override"
+    kind: str  # "mirror", "factored", "quantized", "other" or "override"
     reason: str | None
 
 
@@ -137,6 +137,57 @@ def kept_dims(path, kept, shape, param) -> tuple[int | None, ...] | None:
     return None
 
 
+def _declares_blocks(node: Any) -> bool:
+    # shardopt.QuantizedArray, or any class with a ``block_fields`` dict.
+    return isinstance(getattr(type(node), "block_fields", None), dict)
+
+
+def declared_blocks(state: PyTree) -> dict[tuple, tuple[tuple, int, tuple]]:
+    """Key path of each leaf of a block-quantized node (8-bit state) -> the
+    node's own path, its block size and the shape of the leaf it stands for.
+
+    Such a node (:class:`shardopt.QuantizedArray`) replaces one state leaf by
+    fields listed in its class attribute ``block_fields`` (codes of the leaf's
+    shape, one scale per block along the last axis); all are matched to a
+    parameter by the node's path and laid out alike (:func:`block_spec`).
+    """
+    found: dict[tuple, tuple[tuple, int, tuple]] = {}
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_declares_blocks)[0]
+    for path, node in flat:
+        if not _declares_blocks(node):
+            continue
+        for name in type(node).block_fields:
+            key = (*path, jax.tree_util.GetAttrKey(name))
+            found[key] = (tuple(path), node.block_size, tuple(node.shape))
+    return found
+
+
+def block_spec(
+    plan: ShardingPlan, param: LeafLayout, zero: bool, block_size: int
+) -> tuple[PartitionSpec, str | None]:
+    """The layout of a block-quantized mirror of ``param`` (codes and scales).
+
+    It is the mirrored moment's, unless that splits the last axis into shards
+    that do not hold whole blocks: then the last axis is kept whole and ZeRO
+    partitions another axis (or none, with the reason), so that a block's
+    absmax never needs another device.
+    """
+    spec = pick(param, zero)
+    last = param.shape[-1]
+    shards = math.prod(plan.mesh.shape[a] for a in axes_of(spec[-1]))
+    if shards == 1 or (last // shards) % block_size == 0:
+        return spec, param.reason if zero else None
+    why = (
+        f"quantization blocks of {block_size} along its last axis ({last}) would "
+        f"straddle that axis's {shards} shards, so the last axis is kept whole"
+    )
+    base = PartitionSpec(*param.base[:-1], None)
+    if not zero:
+        return base, why
+    spec, _, reason = plan.zero_spec(base, param.shape, exclude=(len(param.shape) - 1,))
+    return spec, None if reason is None else f"{reason}; {why}"
+
+
 def place_state(plan: ShardingPlan, state: PyTree, params: PyTree) -> list[StateLeaf]:
     """How every array leaf of an optimizer state is placed, with the reason.
 
@@ -152,6 +203,7 @@ def place_state(plan: ShardingPlan, state: PyTree, params: PyTree) -> list[State
         by_path[tuple(path)] = layout[path_str(path)]
     kept = declared_kept_dims(state)
     subtrees = declared_subtrees(state)
+    blocks = declared_blocks(state)
     overrides = dict(plan.overrides)
     zero = plan.stage >= 1
     out = []
@@ -162,6 +214,16 @@ def place_state(plan: ShardingPlan, state: PyTree, params: PyTree) -> list[State
         if name in overrides:
             spec = normalise(overrides[name], len(shape), name)
             out.append(StateLeaf(name, shape, leaf.dtype, spec, "override", None))
+            continue
+        if tuple(path) in blocks:
+            node, block_size, value_shape = blocks[tuple(path)]
+            param = matching_param(node, by_path, subtrees)
+            if param is None or param.shape != value_shape:
+                why = "it quantizes a leaf that mirrors no parameter"
+                out.append(_unmatched(plan, name, leaf, why))
+                continue
+            spec, reason = block_spec(plan, param, zero, block_size)
+            out.append(StateLeaf(name, shape, leaf.dtype, spec, "quantized", reason))
             continue
         if param is None:
             out.append(
