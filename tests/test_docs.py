@@ -5,9 +5,9 @@ CPU devices of tests/conftest.py, in a fresh working directory, under JAX's
 standard dtype promotion (as users run them). A block that is deliberately not
 standalone (a fragment of a multi-process script, say) is preceded by the line
 ``<!-- docs: not run: <why> -->``; the test checks that such a marker gives its
-reason. A ```text block shows what the python blocks since the previous
-``text`` block printed, and is checked to be part of it. Docstring examples
-written as ``>>>`` sessions run as doctests.
+reason. A ```text block right after a python block shows output: it is
+checked to be part of what the python blocks since the previous such text
+block printed. Docstring examples written as ``>>>`` sessions run as doctests.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
-FENCE = re.compile(r"(<!-- docs: not run[^>]*-->\n)?```(python|text)\n(.*?)```", re.S)
+FENCE = re.compile(r"(<!-- docs: not run[^>]*-->\n)?```(\w*)\n(.*?)```", re.S)
 NOT_RUN = re.compile(r"<!-- docs: not run: \S.*-->")
 
 
 def blocks(page: pathlib.Path) -> list[tuple[str, str, bool]]:
-    """The page's python and text blocks: (kind, body, whether it runs)."""
+    """The page's fenced blocks: (language, body, whether it runs)."""
     return [
         (kind, body, not marker)
         for marker, kind, body in FENCE.findall(page.read_text())
@@ -51,16 +51,18 @@ def test_page_runs(page, tmp_path, monkeypatch, capsys):
     printed = ""
     try:
         with jax.numpy_dtype_promotion("standard"):
+            previous = None
             for i, (kind, body, runs) in enumerate(found):
-                if kind == "text":  # what the blocks before it printed
+                if kind == "text" and previous == "python":  # its output
                     printed += capsys.readouterr().out
                     assert body in printed, f"{page.name}, block {i + 1}: {body}"
                     printed = ""
-                elif runs:
+                elif kind == "python" and runs:
                     exec(
                         compile(body, f"{page.name}, block {i + 1}", "exec"),
                         namespace,
                     )
+                previous = kind
     finally:
         jax.clear_caches()
 
