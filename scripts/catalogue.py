@@ -219,12 +219,17 @@ def _wraps(transform: object) -> bool:
 
 
 def low_precision(obj: object) -> list[str]:
-    """The constructor's arguments that set a state dtype (``mu_dtype``, ...)."""
+    """The constructor's arguments that store state narrower: a state dtype
+    (``mu_dtype``, ...) or 8-bit state (``state_bits``)."""
     try:
         parameters = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         return []
-    return [p for p in parameters if p == "dtype" or p.endswith("_dtype")]
+    return [
+        p
+        for p in parameters
+        if p == "dtype" or p.endswith("_dtype") or p == "state_bits"
+    ]
 
 
 def tested_stages(row_name: str) -> tuple[int, ...]:

@@ -76,9 +76,12 @@ def debug_nans(raise_error: bool = True) -> Iterator[DebugNans]:
 
     Example::
 
-        with shardopt.debug_nans() as nans:
-            params, opt = opt.step(params, grads)  # raises NonFiniteError
-        nans.first  # NonFiniteEvent(step=..., leaf="['w']", ...)
+        params = {"w": jnp.ones(3)}
+        opt = shardopt.Optimizer(shardopt.sgd(0.1), params)
+        grads = {"w": jnp.array([1.0, jnp.nan, 0.0])}
+        with shardopt.debug_nans(raise_error=False) as nans:  # default: raise
+            params, opt = opt.step(params, grads)
+        print(nans.first)  # NonFiniteEvent(step=0, leaf="['w']", ...)
 
     Args:
         raise_error: raise :class:`NonFiniteError` at the first event (default);

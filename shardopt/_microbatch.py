@@ -86,6 +86,8 @@ def microbatch(
 
     Example::
 
+        loss = lambda params, x, y: jnp.mean((x @ params["w"] - y) ** 2)
+        params, x, y = {"w": jnp.ones((3, 1))}, jnp.ones((32, 3)), jnp.zeros((32, 1))
         grad_fn = shardopt.microbatch(
             jax.grad(loss), argnums=(1, 2), microbatch_size=8,
             accumulator=shardopt.AccumulationType.MEAN,

@@ -53,12 +53,16 @@ class Optimizer(eqx.Module):
 
     Example::
 
+        model = eqx.nn.MLP(2, 1, width_size=8, depth=2, key=jax.random.key(0))
         opt = shardopt.Optimizer(shardopt.adamw(1e-3), model)
+        loss = lambda m, x, y: jnp.mean((jax.vmap(m)(x) - y) ** 2)
 
         @eqx.filter_jit(donate="all")
         def train_step(model, opt, x, y):
             grads = eqx.filter_grad(loss)(model, x, y)
             return opt.step(model, grads)
+
+        model, opt = train_step(model, opt, jnp.ones((4, 2)), jnp.zeros((4, 1)))
     """
 
     transform: AbstractTransform

@@ -51,9 +51,13 @@ def test_state_bytes_per_parameter_are_counted_from_shapes():
 def test_low_precision_options_are_the_dtype_arguments():
     import shardopt
 
-    assert CATALOGUE.low_precision(shardopt.adam) == ["mu_dtype", "nu_dtype"]
-    assert CATALOGUE.low_precision(shardopt.sgd) == ["accumulator_dtype"]
-    assert CATALOGUE.low_precision(shardopt.lion) == ["mu_dtype"]
+    assert CATALOGUE.low_precision(shardopt.adam) == [
+        "mu_dtype",
+        "nu_dtype",
+        "state_bits",
+    ]
+    assert CATALOGUE.low_precision(shardopt.sgd) == ["accumulator_dtype", "state_bits"]
+    assert CATALOGUE.low_precision(shardopt.lion) == ["mu_dtype", "state_bits"]
 
 
 def test_every_entry_has_a_row_or_a_named_test():

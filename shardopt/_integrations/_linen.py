@@ -96,13 +96,17 @@ class TrainState(struct.PyTreeNode):
     ``tx`` read from ``opt`` as flax's fields do. Subclass it to carry more
     (``batch_stats``), as with flax's.
 
-    Example::
+    Example (``plan=shardopt.zero(1, mesh), rules=rules`` shard it)::
 
+        import flax.linen as nn
+
+        model = nn.Dense(2)
+        variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
         state = shardopt.linen.TrainState.create(
-            apply_fn=model.apply, params=variables["params"],
-            tx=shardopt.adamw(1e-3), plan=shardopt.zero(1, mesh), rules=rules,
+            apply_fn=model.apply, params=variables["params"], tx=shardopt.adamw(1e-3)
         )
-        grads = jax.grad(loss_fn)(state.params, x, y)
+        loss_fn = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+        grads = jax.grad(loss_fn)(state.params, jnp.ones((8, 4)), jnp.zeros((8, 2)))
         state = state.apply_gradients(grads=grads)
     """
 

@@ -117,17 +117,21 @@ class Optimizer(nnx.Pytree):
     exactly the trained Variables: a gradient for any other Variable (frozen
     or filtered out by ``wrt``) is an error naming its path.
 
-    Example::
+    Example (``plan=shardopt.zero(1, mesh)`` partitions the moments)::
 
-        optimizer = shardopt.nnx.Optimizer(
-            model, shardopt.adamw(1e-3), wrt=nnx.Param, plan=shardopt.zero(1, mesh)
-        )
+        from flax import nnx
+
+        model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+        optimizer = shardopt.nnx.Optimizer(model, shardopt.adamw(1e-3), wrt=nnx.Param)
+        loss_fn = lambda model, x, y: jnp.mean((model(x) - y) ** 2)
 
         @nnx.jit
         def train_step(model, optimizer, x, y):
             loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
             optimizer.update(model, grads)
             return loss
+
+        loss = train_step(model, optimizer, jnp.ones((8, 4)), jnp.zeros((8, 2)))
     """
 
     def __init__(

@@ -77,10 +77,12 @@ class CheckpointManager:
 
     Example::
 
-        ckpt = shardopt.checkpoint.CheckpointManager("/ckpt", max_to_keep=3)
-        ckpt.save(step, params=params, opt=opt, rng=key, data={"batch": 120})
-        ...
-        got = ckpt.restore(params=abstract_params, opt=abstract_opt)
+        params = {"w": jnp.ones((4, 2))}
+        opt = shardopt.Optimizer(shardopt.adamw(1e-3), params)
+        with shardopt.CheckpointManager("ckpt", max_to_keep=3) as ckpt:
+            ckpt.save(1, params=params, opt=opt, data={"batch": 120})
+            ckpt.wait()
+            got = ckpt.restore(params=params, opt=opt)  # or abstract targets
         params, opt = got.params, got.opt
 
     Args:

@@ -171,9 +171,10 @@ def from_optax(optax_state: PyTree, like: Optimizer, *, count: Any = None) -> Op
 
     Example::
 
-        tx = optax.adamw(1e-3, weight_decay=0.1)
-        opt = shardopt.from_optax(optax_state, like=shardopt.Optimizer(
-            shardopt.adamw(1e-3, weight_decay=0.1), params))
+        params = {"w": jnp.ones((4, 2))}
+        optax_state = optax.adamw(1e-3, weight_decay=0.1).init(params)
+        like = shardopt.Optimizer(shardopt.adamw(1e-3, weight_decay=0.1), params)
+        opt = shardopt.checkpoint.from_optax(optax_state, like=like)
 
     Args:
         optax_state: the state from ``tx.init``/``tx.update`` of the optax

@@ -168,6 +168,7 @@ def launch_local(
 
     Example::
 
+        # not run: it needs a module tasks.py, shown in its first lines
         # tasks.py
         def train(steps):
             mesh = jax.make_mesh((jax.device_count(),), ("data",))

@@ -556,8 +556,10 @@ def zero(
     Example::
 
         mesh = jax.make_mesh((4, 2), ("data", "model"))
-        plan = shardopt.zero(1, mesh)
+        plan = shardopt.zero(1, mesh, min_size=0)
+        params = plan.shard_params({"w": jnp.ones((8, 4))})
         opt = shardopt.Optimizer(shardopt.adamw(1e-3), params, plan=plan)
+        print(plan.memory_report(params, opt))
     """
     if isinstance(data_axes, str):
         data_axes = (data_axes,)

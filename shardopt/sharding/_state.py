@@ -28,13 +28,16 @@ class FactoredState:
     number of dimensions to the dims the leaf keeps, in order; the plan then
     gives each kept dim the parameter's (ZeRO) sharding of that dim::
 
+        from typing import ClassVar
+        from shardopt.sharding import FactoredState
+
         class FactoredStats(FactoredState, eqx.Module):
             factored_dims: ClassVar = {
                 "row": lambda ndim: tuple(range(ndim - 1)),      # drops the last
                 "col": lambda ndim: (*range(ndim - 2), ndim - 1),  # drops -2
             }
-            row: PyTree
-            col: PyTree
+            row: jax.Array
+            col: jax.Array
 
     Leaves that keep every dim with size 1 where they reduce (``keepdims=True``)
     need no declaration: the plan recognises them by shape.
