@@ -29,57 +29,9 @@ from conformance import (
     make_shardable_params,
 )
 from jax.sharding import Mesh
+from value_runs import STEPS, run_optax, run_ours
 
 import shardopt
-
-STEPS = 8
-
-
-def _targets(params):
-    keys = jax.random.split(jax.random.key(7), len(params))
-    return {
-        name: jax.random.normal(key, params[name].shape, jnp.float32)
-        for name, key in zip(sorted(params), keys, strict=True)
-    }
-
-
-def _loss(params, targets):
-    """A quadratic whose minimum value is 0.1, so the model's gap stays informative."""
-    total = jnp.float32(0.1)
-    for name in sorted(params):
-        d = params[name].astype(jnp.float32) - targets[name]
-        total = total + 0.5 * jnp.sum(d * d)
-    return total
-
-
-def _run_ours(transform, params, plan=None):
-    targets = _targets(params)
-    opt = shardopt.Optimizer(transform, params, plan=plan)
-
-    @jax.jit
-    def step(params, opt):
-        value, grads = jax.value_and_grad(_loss)(params, targets)
-        return opt.step(params, grads, value=value)
-
-    for _ in range(STEPS):
-        params, opt = step(params, opt)
-    return params, opt
-
-
-def _run_optax(transform, params):
-    targets = _targets(params)
-    with jax.numpy_dtype_promotion("standard"):
-        state = transform.init(params)
-
-        @jax.jit
-        def step(params, state):
-            value, grads = jax.value_and_grad(_loss)(params, targets)
-            updates, state = transform.update(grads, state, params, value=value)
-            return optax.apply_updates(params, updates), state
-
-        for _ in range(STEPS):
-            params, state = step(params, state)
-    return params
 
 
 def _difference(got, want):
@@ -142,8 +94,8 @@ CASES = {
 def test_matches_optax_with_the_loss(case):
     ours, oracle, rtol = CASES[case]
     params = _float32_params()
-    got, opt = _run_ours(ours(), params)
-    want = _run_optax(oracle(), params)
+    got, opt = run_ours(ours(), params)
+    want = run_optax(oracle(), params)
     differences = _difference(got, want)
     for name, difference in differences.items():
         bound = BF16_RTOL if want[name].dtype == jnp.bfloat16 else rtol
@@ -162,8 +114,8 @@ def test_zero_stage_3_matches_unsharded(name):
     params = make_shardable_params()
     del params["half"]
     make = getattr(shardopt, name)
-    want, want_opt = _run_ours(make(), params)
-    got, got_opt = _run_ours(make(), plan.shard_params(params), plan)
+    want, want_opt = run_ours(make(), params)
+    got, got_opt = run_ours(make(), plan.shard_params(params), plan)
     for tree_got, tree_want in ((got, want), (got_opt.state, want_opt.state)):
         for g, w in zip(
             jax.tree.leaves(tree_got), jax.tree.leaves(tree_want), strict=True
@@ -188,7 +140,7 @@ def test_step_without_value_is_rejected(name):
 @pytest.mark.parametrize("name", ["momo", "momo_adam"])
 def test_scalars_are_float32_on_a_mixed_tree(name):
     params = make_params()
-    new, opt = _run_ours(getattr(shardopt, name)(), params)
+    new, opt = run_ours(getattr(shardopt, name)(), params)
     for scalar in (opt.state.barf, opt.state.gamma, opt.state.lb):
         assert scalar.dtype == jnp.float32
     for leaf in params:

@@ -21,6 +21,7 @@ import optax.contrib
 import pytest
 from conformance import BF16_RTOL, EXACT_B1, EXACT_B2, make_shardable_params
 from jax.sharding import Mesh
+from value_runs import targets as make_targets
 
 import shardopt
 
@@ -38,14 +39,6 @@ def _f32_params():
     params = make_shardable_params()
     del params["half"]
     return params
-
-
-def _targets(params):
-    keys = jax.random.split(jax.random.key(7), len(params))
-    return {
-        name: jax.random.normal(key, params[name].shape, jnp.float32)
-        for name, key in zip(sorted(params), keys, strict=True)
-    }
 
 
 def _loss(params, targets):
@@ -70,7 +63,7 @@ def _assert_close(got, want, rtol=1e-6):
 
 # ------------------------------------------------------------------ Sophia
 def _sophia_ours(transform, params, plan=None):
-    targets = _targets(params)
+    targets = make_targets(params)
     if plan is not None:
         params = plan.shard_params(params)
     opt = shardopt.Optimizer(transform, params, plan=plan)
@@ -86,7 +79,7 @@ def _sophia_ours(transform, params, plan=None):
 
 
 def _sophia_optax(transform, params):
-    targets = _targets(params)
+    targets = make_targets(params)
     with jax.numpy_dtype_promotion("standard"):
         state = transform.init(params)
 
@@ -274,7 +267,7 @@ def _sam_pair(lib, contrib):
 
 def test_sam_opaque_mode_matches_optax():
     params = make_shardable_params()
-    targets = _targets(params)
+    targets = make_targets(params)
     grad_fn = jax.grad(lambda p, _: _loss(p, targets))
     opt = shardopt.Optimizer(_sam_pair(shardopt, shardopt), params)
 
@@ -376,7 +369,7 @@ def test_split_real_and_imaginary_under_zero_1_matches_unsharded():
 # ------------------------------------------------------------------ Schedule-Free
 def test_schedule_free_eval_params_match_optax():
     params = make_shardable_params()
-    targets = _targets(params)
+    targets = make_targets(params)
     ours = shardopt.schedule_free_adamw(0.05, b1=EXACT_B1, b2=EXACT_B2)
     theirs = optax.contrib.schedule_free_adamw(0.05, b1=EXACT_B1, b2=EXACT_B2)
     opt = shardopt.Optimizer(ours, params)

@@ -17,27 +17,9 @@ import optax
 import pytest
 from conformance import BF16_RTOL, make_params, make_shardable_params
 from jax.sharding import Mesh
+from value_runs import STEPS, run_optax, run_ours
 
 import shardopt
-
-STEPS = 8
-
-
-def _targets(params):
-    keys = jax.random.split(jax.random.key(7), len(params))
-    return {
-        name: jax.random.normal(key, params[name].shape, jnp.float32)
-        for name, key in zip(sorted(params), keys, strict=True)
-    }
-
-
-def _loss(params, targets):
-    """A quadratic whose minimum value is 0.1: Polyak's gap stays informative."""
-    total = jnp.float32(0.1)
-    for name in sorted(params):
-        d = params[name].astype(jnp.float32) - targets[name]
-        total = total + 0.5 * jnp.sum(d * d)
-    return total
 
 
 def _assert_close(got, want):
@@ -48,36 +30,6 @@ def _assert_close(got, want):
         scale = max(np.max(np.abs(w)), 1e-30)
         assert np.max(np.abs(g - w)) / scale <= bound, name
         assert got[name].dtype == want[name].dtype, name
-
-
-def _run_ours(transform, params, plan=None):
-    targets = _targets(params)
-    opt = shardopt.Optimizer(transform, params, plan=plan)
-
-    @jax.jit
-    def step(params, opt):
-        value, grads = jax.value_and_grad(_loss)(params, targets)
-        return opt.step(params, grads, value=value)
-
-    for _ in range(STEPS):
-        params, opt = step(params, opt)
-    return params, opt
-
-
-def _run_optax(transform, params):
-    targets = _targets(params)
-    with jax.numpy_dtype_promotion("standard"):
-        state = transform.init(params)
-
-        @jax.jit
-        def step(params, state):
-            value, grads = jax.value_and_grad(_loss)(params, targets)
-            updates, state = transform.update(grads, state, params, value=value)
-            return optax.apply_updates(params, updates), state
-
-        for _ in range(STEPS):
-            params, state = step(params, state)
-    return params
 
 
 POLYAK_CASES = {
@@ -93,8 +45,8 @@ POLYAK_CASES = {
 def test_polyak_sgd_matches_optax(case):
     kwargs = POLYAK_CASES[case]
     params = make_params()
-    got, opt = _run_ours(shardopt.polyak_sgd(**kwargs), params)
-    want = _run_optax(optax.polyak_sgd(**kwargs), params)
+    got, opt = run_ours(shardopt.polyak_sgd(**kwargs), params)
+    want = run_optax(optax.polyak_sgd(**kwargs), params)
     _assert_close(got, want)
     assert opt.count == STEPS
     moved = np.max(np.abs(np.asarray(got["cube"]) - np.asarray(params["cube"])))
@@ -104,8 +56,8 @@ def test_polyak_sgd_matches_optax(case):
 def test_polyak_sgd_schedule_scaling_matches_optax():
     schedule = lambda lib: lib.linear_schedule(1.0, 0.25, STEPS)
     params = make_params()
-    got, _ = _run_ours(shardopt.polyak_sgd(0.2, scaling=schedule(shardopt)), params)
-    want = _run_optax(optax.polyak_sgd(0.2, scaling=schedule(optax)), params)
+    got, _ = run_ours(shardopt.polyak_sgd(0.2, scaling=schedule(shardopt)), params)
+    want = run_optax(optax.polyak_sgd(0.2, scaling=schedule(optax)), params)
     _assert_close(got, want)
 
 
@@ -113,8 +65,8 @@ def test_polyak_sgd_under_zero_stage_3_matches_unsharded():
     mesh = Mesh(np.array(jax.devices()), ("data",))
     plan = shardopt.zero(3, mesh, min_size=0)
     params = make_shardable_params()
-    want, _ = _run_ours(shardopt.polyak_sgd(0.5), params)
-    got, _ = _run_ours(shardopt.polyak_sgd(0.5), plan.shard_params(params), plan)
+    want, _ = run_ours(shardopt.polyak_sgd(0.5), params)
+    got, _ = run_ours(shardopt.polyak_sgd(0.5), plan.shard_params(params), plan)
     for name in want:
         np.testing.assert_allclose(
             np.asarray(got[name], np.float64),
