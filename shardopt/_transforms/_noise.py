@@ -64,17 +64,41 @@ class AddNoise(AbstractTransform):
         return jax.tree.unflatten(treedef, noisy), new_state
 
 
-def _as_key(key: ArrayLike) -> Array:
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-        key.dtype, jax.dtypes.prng_key
+def resolve_key(key: ArrayLike | None, seed: int | None, owner: str) -> Array:
+    """The typed PRNG key of ``owner(..., key=, seed=)``, as optax takes it: a
+    typed or raw (uint32) key or an int seed in ``key``, or the deprecated int
+    ``seed``; neither means seed 0, with a warning."""
+    if seed is not None:
+        warnings.warn(
+            f"{owner}'s seed is deprecated (as in optax): pass key instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if key is not None:
+            raise ValueError(f"{owner} takes key or seed, not both")
+        key = seed
+    if key is None:
+        warnings.warn(
+            f"{owner} was given no key; using seed 0 (pass key= to choose)",
+            stacklevel=3,
+        )
+        key = 0
+    if not (
+        isinstance(key, jax.Array)
+        and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     ):
-        return key
-    try:
-        return jax.random.key(key)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"key must be a PRNG key or an integer seed, got {key!r}"
-        ) from err
+        try:
+            if isinstance(key, (int, jnp.integer)) and not isinstance(key, bool):
+                key = jax.random.key(key)
+            else:  # a raw (uint32) key, as jax.random.PRNGKey makes
+                key = jax.random.wrap_key_data(jnp.asarray(key))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"key must be a PRNG key or an integer seed, got {key!r}"
+            ) from err
+    if key.shape != ():
+        raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
+    return key
 
 
 def add_noise(
@@ -89,22 +113,5 @@ def add_noise(
     ``key`` is a PRNG key or an integer seed; ``seed`` is optax's older name
     for an integer seed (deprecated there). Without either, the seed is 0.
     """
-    if seed is not None:
-        warnings.warn(
-            "add_noise's seed is deprecated (as in optax): pass key instead",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if key is not None:
-            raise ValueError("add_noise takes key or seed, not both")
-        key = seed
-    if key is None:
-        warnings.warn(
-            "add_noise was given no key; using seed 0 (pass key= to choose)",
-            stacklevel=2,
-        )
-        key = 0
-    key = _as_key(key)
-    if key.shape != ():
-        raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
+    key = resolve_key(key, seed, "add_noise")
     return AddNoise(eta, gamma, jax.random.key_data(key), str(jax.random.key_impl(key)))

@@ -8,8 +8,6 @@ state and split as optax splits it, so the numbers are optax's.
 
 from __future__ import annotations
 
-import warnings
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ from jaxtyping import Array, ArrayLike
 from .._base import AbstractTransform, Params, Updates
 from .._hyperparams import NONNEGATIVE, POSITIVE, Hyperparameter, hyperparameter
 from .._tree_math import global_norm, promote
+from ._noise import resolve_key
 from ._per_example import check_batched
 
 
@@ -89,21 +88,6 @@ def _clipped_sums(leaves: list[Array], clip: Array) -> list[Array]:
     return [one(g) for g in leaves]
 
 
-def _as_key(key: ArrayLike) -> Array:
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-        key.dtype, jax.dtypes.prng_key
-    ):
-        return key
-    if isinstance(key, (int, jnp.integer)) and not isinstance(key, bool):
-        return jax.random.key(key)
-    try:  # a raw (uint32) key, as jax.random.PRNGKey makes
-        return jax.random.wrap_key_data(jnp.asarray(key))
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"key must be a PRNG key or an integer seed, got {key!r}"
-        ) from err
-
-
 def differentially_private_aggregate(
     l2_norm_clip: float,
     noise_multiplier: float,
@@ -119,25 +103,7 @@ def differentially_private_aggregate(
     deprecated name for it); without either, seed 0 with a warning. Abadi et
     al., "Deep Learning with Differential Privacy", CCS 2016.
     """
-    if seed is not None:
-        warnings.warn(
-            'differentially_private_aggregate\'s "seed" is deprecated (as in '
-            'optax): use "key"',
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if key is not None:
-            raise ValueError("Only one of seed or key can be specified.")
-        key = seed
-    if key is None:
-        warnings.warn(
-            "differentially_private_aggregate was given no key; using seed 0",
-            stacklevel=2,
-        )
-        key = 0
-    key = _as_key(key)
-    if key.shape != ():
-        raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
+    key = resolve_key(key, seed, "differentially_private_aggregate")
     return DifferentiallyPrivateAggregate(
         l2_norm_clip,
         noise_multiplier,
