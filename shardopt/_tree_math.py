@@ -78,22 +78,32 @@ def global_norm(tree: PyTree) -> Array:
     return jnp.sqrt(squared_norm(tree))
 
 
+class StorageDtypeError(TypeError, ValueError):
+    """A state dtype that is not floating (or not a dtype at all).
+
+    Both a ValueError (a bad value for the argument) and a TypeError (what
+    NumPy raises for a name that is no dtype), so either ``except`` catches it.
+    """
+
+
 def canonical_dtype(
     dtype: jnp.dtype | str | None, name: str = "dtype"
 ) -> jnp.dtype | None:
     """``dtype`` as a NumPy dtype (honouring x64 settings), or None.
 
     State is stored in it, so it must be floating (or complex): anything else
-    is an error naming the argument ``name``.
+    is a :class:`StorageDtypeError` naming the argument ``name``.
     """
     if dtype is None:
         return None
     try:
         canonical = jax.dtypes.canonicalize_dtype(dtype)
     except TypeError as err:
-        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from err
+        raise StorageDtypeError(
+            f"{name} must be a floating dtype, got {dtype!r}"
+        ) from err
     if not jnp.issubdtype(canonical, jnp.inexact):
-        raise TypeError(
+        raise StorageDtypeError(
             f"{name} must be a floating dtype (e.g. jnp.bfloat16 or jnp.float32), "
             f"got {canonical.name}: moments and accumulators hold fractions"
         )

@@ -85,13 +85,14 @@ def adamax(
     eps: ScalarOrSchedule = 1e-8,
     *,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adamax: Adam with the infinity norm in place of the second moment.
 
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, §7.1.
     """
     return chain(
-        scale_by_adamax(b1, b2, eps, nu_dtype=nu_dtype),
+        scale_by_adamax(b1, b2, eps, nu_dtype=nu_dtype, mu_dtype=mu_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -105,6 +106,7 @@ def adamaxw(
     mask: Mask = None,
     *,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adamax with decoupled weight decay, applied where ``mask`` is True.
 
@@ -112,7 +114,7 @@ def adamaxw(
     Regularization", ICLR 2019.
     """
     return chain(
-        scale_by_adamax(b1, b2, eps, nu_dtype=nu_dtype),
+        scale_by_adamax(b1, b2, eps, nu_dtype=nu_dtype, mu_dtype=mu_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -158,6 +160,7 @@ def adabelief(
     *,
     nesterov: bool = False,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """AdaBelief: Adam scaled by the belief in the observed gradient.
 
@@ -165,7 +168,15 @@ def adabelief(
     Observed Gradients", NeurIPS 2020.
     """
     return chain(
-        scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov, nu_dtype=nu_dtype),
+        scale_by_belief(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            nesterov=nesterov,
+            nu_dtype=nu_dtype,
+            mu_dtype=mu_dtype,
+        ),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -177,13 +188,14 @@ def yogi(
     eps: ScalarOrSchedule = 1e-3,
     *,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Yogi: Adam with an additive, sign-controlled second-moment update.
 
     Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018.
     """
     return chain(
-        scale_by_yogi(b1, b2, eps, nu_dtype=nu_dtype),
+        scale_by_yogi(b1, b2, eps, nu_dtype=nu_dtype, mu_dtype=mu_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -198,6 +210,7 @@ def radam(
     *,
     nesterov: bool = False,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """RAdam: Adam with a variance-rectified adaptive step.
 
@@ -206,7 +219,14 @@ def radam(
     """
     return chain(
         scale_by_radam(
-            b1, b2, eps, eps_root, threshold, nesterov=nesterov, nu_dtype=nu_dtype
+            b1,
+            b2,
+            eps,
+            eps_root,
+            threshold,
+            nesterov=nesterov,
+            nu_dtype=nu_dtype,
+            mu_dtype=mu_dtype,
         ),
         scale_by_learning_rate(learning_rate),
     )

@@ -28,14 +28,19 @@ def adan(
     eps_root: ScalarOrSchedule = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Mask = None,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adan, with decoupled weight decay applied where ``mask`` is True.
 
     Xie, Zhou, Li, Lin & Yan, "Adan: Adaptive Nesterov Momentum Algorithm for
     Faster Optimizing Deep Models", IEEE TPAMI 2024 (arXiv 2022).
+    ``mu_dtype`` / ``nu_dtype`` store the moments narrower (see
+    :func:`scale_by_adan`).
     """
     return chain(
-        scale_by_adan(b1, b2, b3, eps, eps_root),
+        scale_by_adan(b1, b2, b3, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -48,14 +53,18 @@ def novograd(
     eps: ScalarOrSchedule = 1e-6,
     eps_root: ScalarOrSchedule = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    mu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """NovoGrad: momentum of gradients normalised per layer, with weight decay.
 
     Ginsburg et al., "Stochastic Gradient Methods with Layer-wise Adaptive
-    Moments for Training of Deep Networks", arXiv 2019.
+    Moments for Training of Deep Networks", arXiv 2019. ``mu_dtype`` stores
+    the momentum narrower, as :func:`scale_by_novograd` (its second moment is
+    one scalar per layer and stays in the parameters' dtype).
     """
     return chain(
-        scale_by_novograd(b1, b2, eps, eps_root, weight_decay),
+        scale_by_novograd(b1, b2, eps, eps_root, weight_decay, mu_dtype),
         scale_by_learning_rate(learning_rate),
     )
 

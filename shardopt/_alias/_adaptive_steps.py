@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from jax.typing import DTypeLike
 from jaxtyping import ArrayLike
 
 from .._hyperparams import NONNEGATIVE, ScalarOrSchedule, as_hyperparameter
@@ -46,6 +47,8 @@ def adadelta(
     eps: ScalarOrSchedule = 1e-6,
     weight_decay: ScalarOrSchedule = 0.0,
     weight_decay_mask: Mask = None,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adadelta, with optional weight decay added to the gradient first.
 
@@ -53,10 +56,12 @@ def adadelta(
     ``u = -lr sqrt(E[u^2] + eps) / sqrt(E[g^2] + eps) g``. As in optax, with
     ``learning_rate=None`` the rescaled gradient is not negated.
     Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012.
+    ``nu_dtype`` stores the two averages of squares narrower (see
+    :func:`scale_by_adadelta`).
     """
     return chain(
         add_decayed_weights(weight_decay, weight_decay_mask),
-        scale_by_adadelta(rho, eps),
+        scale_by_adadelta(rho, eps, nu_dtype=nu_dtype),
         scale_by_learning_rate(learning_rate),
     )
 

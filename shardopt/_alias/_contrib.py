@@ -33,15 +33,19 @@ def acprop(
     eps_root: ScalarOrSchedule = 1e-16,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Mask = None,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """ACProp: AdaBelief's centred second moment, applied one step late.
 
     ``u = -lr (g / (sqrt(s_hat_{t-1}) + eps) + wd x)``. Zhuang et al.,
     "Momentum Centering and Asynchronous Update for Adaptive Gradient
-    Methods", NeurIPS 2021.
+    Methods", NeurIPS 2021. ``mu_dtype`` / ``nu_dtype`` store the moments
+    narrower (see :func:`scale_by_acprop`).
     """
     return chain(
-        scale_by_acprop(b1, b2, eps, eps_root),
+        scale_by_acprop(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -81,16 +85,21 @@ def simplified_ademamix(
     eps_root: ScalarOrSchedule = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Mask = None,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Simplified AdEMAMix: one undamped momentum plus ``alpha`` times the gradient.
 
     ``u = -lr ((m + alpha g) / (sqrt(n_hat + eps_root) + eps) + wd x)``,
     ``m = g + b1 m``. Morwani, Vyas, Kakade & Mohri, "Connections between
     Schedule-Free Optimizers, AdEMAMix, and Accelerated SGD Variants", arXiv
-    2025.
+    2025. ``mu_dtype`` / ``nu_dtype`` store ``m`` and ``n`` narrower.
     """
     return chain(
-        scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root),
+        scale_by_simplified_ademamix(
+            b1, b2, alpha, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+        ),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -106,12 +115,14 @@ def adopt(
     nesterov: bool = False,
     use_clipping: bool = True,
     clip_value_fn: Callable[[Array], Array] = quarter_power,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """ADOPT: Adam that normalises the gradient by the previous second moment.
 
     ``u = -lr m``, ``m = b1 m + (1 - b1) clip(g / max(sqrt(v_prev), eps))``.
     Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with
-    the Optimal Rate", NeurIPS 2024.
+    the Optimal Rate", NeurIPS 2024. ``mu_dtype`` (optax's) / ``nu_dtype``
+    store the moments narrower (see :func:`scale_by_adopt`).
     """
     return chain(
         scale_by_adopt(
@@ -122,6 +133,7 @@ def adopt(
             nesterov=nesterov,
             use_clipping=use_clipping,
             clip_value_fn=clip_value_fn,
+            nu_dtype=nu_dtype,
         ),
         scale_by_learning_rate(learning_rate),
     )
@@ -133,17 +145,20 @@ def cocob(
     eps: ScalarOrSchedule = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Mask = None,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Chain:
     """COCOB-Backprop: coin betting on the gradients scaled by ``learning_rate``.
 
     ``x = x0 + C / (L max(G + L, alpha L)) (L + R)`` on ``lr (g + wd x)``.
     Orabona & Tommasi, "Training Deep Networks without Learning Rates Through
-    Coin Betting", NeurIPS 2017.
+    Coin Betting", NeurIPS 2017. ``accumulator_dtype`` stores ``C``, ``G``,
+    ``L`` and ``R`` narrower (see :func:`scale_by_cocob`).
     """
     return chain(
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate, flip_sign=False),
-        scale_by_cocob(alpha, eps),
+        scale_by_cocob(alpha, eps, accumulator_dtype=accumulator_dtype),
     )
 
 
@@ -153,15 +168,30 @@ def dadapt_adamw(
     eps: ScalarOrSchedule = 1e-8,
     estim_lr0: ScalarOrSchedule = 1e-6,
     weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> DAdaptAdamW:
     """D-Adaptation AdamW: Adam whose step size ``d`` estimates ``||x0 - x*||``.
 
     ``u = -wd dlr x - m / (sqrt(v) + eps)`` with ``dlr = d lr sqrt(1 - b2^t) /
     (1 - b1^t)``. Defazio & Mishchenko, "Learning-Rate-Free Learning by
-    D-Adaptation", ICML 2023.
+    D-Adaptation", ICML 2023. ``mu_dtype``, ``nu_dtype`` and
+    ``accumulator_dtype`` store ``m``, ``v`` and ``s`` narrower.
     """
     b1, b2 = betas
-    return DAdaptAdamW(learning_rate, b1, b2, eps, estim_lr0, weight_decay)
+    return DAdaptAdamW(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        estim_lr0,
+        weight_decay,
+        mu_dtype,
+        nu_dtype,
+        accumulator_dtype,
+    )
 
 
 def prodigy(
@@ -173,12 +203,17 @@ def prodigy(
     estim_lr_coef: ScalarOrSchedule = 1.0,
     weight_decay: ScalarOrSchedule = 0.0,
     safeguard_warmup: bool = False,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Prodigy:
     """Prodigy: D-Adaptation's Adam with ``d`` from ``<g, x0 - x>``.
 
     ``u = -wd dlr x - dlr m / (sqrt(v) + d eps)``; ``beta3`` defaults to
     ``sqrt(b2)``. Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive
-    Parameter-Free Learner", ICML 2024.
+    Parameter-Free Learner", ICML 2024. ``mu_dtype``, ``nu_dtype`` and
+    ``accumulator_dtype`` store ``m``, ``v`` and ``s`` narrower.
     """
     b1, b2 = betas
     return Prodigy(
@@ -191,6 +226,9 @@ def prodigy(
         estim_lr_coef,
         weight_decay,
         safeguard_warmup,
+        mu_dtype,
+        nu_dtype,
+        accumulator_dtype,
     )
 
 
@@ -239,16 +277,21 @@ def madgrad(
     momentum: ScalarOrSchedule = 0.9,
     weight_decay: ScalarOrSchedule = 0.0,
     eps: ScalarOrSchedule = 1e-6,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Chain:
     """MADGRAD: dual averaging with a cube-root preconditioner and momentum.
 
     ``z = x0 - s / (cbrt(G) + eps)``, ``x = (1 - momentum) z + momentum x`` on
     ``g + wd x``. Defazio & Jelassi, "A Momentumized, Adaptive, Dual Averaged
     Gradient Method for Stochastic Optimization", JMLR 2022 (arXiv 2021).
+    ``accumulator_dtype`` stores the sums ``G`` and ``s`` narrower.
     """
     return chain(
         add_decayed_weights(weight_decay),
-        scale_by_madgrad(learning_rate, momentum, eps),
+        scale_by_madgrad(
+            learning_rate, momentum, eps, accumulator_dtype=accumulator_dtype
+        ),
     )
 
 

@@ -36,6 +36,8 @@ def adafactor(
     eps: ScalarOrSchedule = 1e-30,
     factored: bool = True,
     weight_decay_mask: Mask = None,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Adafactor: factored second moments, update clipping, relative step sizes.
 
@@ -45,6 +47,10 @@ def adafactor(
     average with ``momentum``, ``add_decayed_weights(weight_decay_rate)``, and
     the descent sign. Shazeer & Stern, "Adafactor: Adaptive Learning Rates with
     Sublinear Memory Cost", ICML 2018.
+
+    Storage dtypes: ``dtype_momentum`` (optax's) for the momentum,
+    ``nu_dtype`` for the factored statistics (updated in float32, rounded
+    when stored; default: each parameter's dtype).
 
     Partitioned parameters: the factored statistics are sharded on the dims
     they keep. Per step and partitioned leaf: one all-reduce per statistic
@@ -60,7 +66,12 @@ def adafactor(
     eps = as_hyperparameter(eps, name="eps", domain=NONNEGATIVE)
     parts = [
         scale_by_factored_rms(
-            factored, decay_rate, decay_offset, min_dim_size_to_factor, eps
+            factored,
+            decay_rate,
+            decay_offset,
+            min_dim_size_to_factor,
+            eps,
+            nu_dtype=nu_dtype,
         )
     ]
     if clipping_threshold is not None:
@@ -81,11 +92,18 @@ def adafactor(
     return chain(*parts)
 
 
-def sm3(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9) -> Chain:
+def sm3(
+    learning_rate: ScalarOrSchedule,
+    momentum: ScalarOrSchedule = 0.9,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
+) -> Chain:
     """SM3: per-dim cover accumulators of squared gradients, then momentum.
 
     Anil, Gupta, Koren & Singer, "Memory-Efficient Adaptive Optimization",
-    NeurIPS 2019.
+    NeurIPS 2019. ``accumulator_dtype`` stores the accumulators narrower,
+    ``mu_dtype`` the momentum (see :func:`scale_by_sm3`).
 
     Partitioned parameters: see :func:`scale_by_sm3`. Measured on a (64, 32)
     matrix under ZeRO stage 1 on 8 devices: one all-reduce (max) of the
@@ -93,4 +111,7 @@ def sm3(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9) -> Ch
     stage-1 step has.
     """
     momentum = as_hyperparameter(momentum, name="momentum", domain=UNIT_INTERVAL)
-    return chain(scale_by_sm3(momentum), scale_by_learning_rate(learning_rate))
+    scaling = scale_by_sm3(
+        momentum, accumulator_dtype=accumulator_dtype, mu_dtype=mu_dtype
+    )
+    return chain(scaling, scale_by_learning_rate(learning_rate))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jax.typing import DTypeLike
+
 from .._hyperparams import ScalarOrSchedule
 from .._transforms._combinators import Chain, chain
 from .._transforms._decay import add_decayed_weights
@@ -26,6 +28,8 @@ def sophia(
     mu_dtype: Any = None,
     verbose: bool = False,
     print_win_rate_every_n_steps: int = 0,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """Sophia: momentum divided by a moving average of the Hessian's diagonal.
 
@@ -34,7 +38,8 @@ def sophia(
     keyword of ``step`` reaches ``hessian_diagonal_fn``. The effective ``b2``
     is ``1 - (1 - b2) / update_interval``. Liu et al., "Sophia: A Scalable
     Stochastic Second-order Optimizer for Language Model Pre-training", ICLR
-    2024.
+    2024. ``mu_dtype`` (optax's) stores the momentum narrower, ``nu_dtype`` the
+    Hessian's moving average (see :func:`scale_by_sophia`).
     """
     return chain(
         scale_by_sophia(
@@ -48,6 +53,7 @@ def sophia(
             mu_dtype,
             verbose,
             print_win_rate_every_n_steps,
+            nu_dtype=nu_dtype,
         ),
         add_decayed_weights(weight_decay, weight_decay_mask),
         scale_by_learning_rate(learning_rate),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jax.typing import DTypeLike
+
 from .._base import AbstractTransform
 from .._hyperparams import UNIT_INTERVAL, ScalarOrSchedule, as_hyperparameter
 from .._transforms._combinators import Chain, chain, masked
@@ -41,12 +43,15 @@ def lars(
     trust_ratio_mask: Mask | bool = True,
     momentum: ScalarOrSchedule = 0.9,
     nesterov: bool = False,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Chain:
     """LARS: SGD with momentum on layer-wise trust-ratio-scaled, decayed gradients.
 
     ``v = g + wd p``, ``v = c ||p|| / (||v|| + eps) v``, then momentum on
     ``-lr v``. You, Gitman & Ginsburg, "Large Batch Training of Convolutional
-    Networks", arXiv:1708.03888, 2017.
+    Networks", arXiv:1708.03888, 2017. ``accumulator_dtype`` stores the
+    momentum narrower, as :func:`trace` does.
     """
     return chain(
         _where(add_decayed_weights(weight_decay), weight_decay_mask),
@@ -58,6 +63,7 @@ def lars(
         trace(
             as_hyperparameter(momentum, name="momentum", domain=UNIT_INTERVAL),
             nesterov=nesterov,
+            accumulator_dtype=accumulator_dtype,
         ),
     )
 
@@ -70,15 +76,19 @@ def lamb(
     eps_root: ScalarOrSchedule = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Mask = None,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Chain:
     """LAMB: Adam's direction plus weight decay, scaled by a layer-wise trust ratio.
 
     ``v = adam(g) + wd p``, ``u = -lr ||p|| / ||v|| v``. You et al., "Large
     Batch Optimization for Deep Learning: Training BERT in 76 minutes", ICLR
-    2020.
+    2020. ``mu_dtype`` / ``nu_dtype`` store Adam's moments narrower, as in
+    :func:`scale_by_adam`.
     """
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root),
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_trust_ratio(),
         scale_by_learning_rate(learning_rate),

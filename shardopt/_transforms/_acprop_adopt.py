@@ -29,6 +29,7 @@ from .._tree_math import (
     cast_like,
     ema,
     promote,
+    widened,
     zeros_like,
 )
 from ._adam_family import ScaleByBeliefState
@@ -44,15 +45,24 @@ class ScaleByAcprop(AbstractTransform):
 
     Zhuang et al., "Momentum Centering and Asynchronous Update for Adaptive
     Gradient Methods", NeurIPS 2021.
+
+    ``mu_dtype`` / ``nu_dtype`` store ``m`` and ``s``: both are updated and
+    used in float32 and rounded once when stored.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByBeliefState:
-        return ScaleByBeliefState(zero_count(), zeros_like(params), zeros_like(params))
+        return ScaleByBeliefState(
+            zero_count(),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
+        )
 
     def update(
         self, grads: Updates, state: ScaleByBeliefState, params: Params | None = None
@@ -62,13 +72,24 @@ class ScaleByAcprop(AbstractTransform):
         b2 = resolve(self.b2, state.count, name="b2")
         eps = resolve(self.eps, state.count, name="eps")
         eps_root = resolve(self.eps_root, state.count, name="eps_root")
-        mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
+        mu_dtype, nu_dtype = self.mu_dtype, self.nu_dtype
+        old_nu = widened(state.nu, nu_dtype)
+        mu = jax.tree.map(
+            lambda g, m: ema(g, m, b1, 1),
+            widened(grads, mu_dtype),
+            widened(state.mu, mu_dtype),
+        )
 
         def second(g, m, s):
             s = ema(add(g, -m), s, b2, 2)
             return s + eps_root.astype(s.dtype)
 
-        nu = jax.tree.map(second, grads, state.mu, state.nu)
+        nu = jax.tree.map(
+            second,
+            widened(grads, nu_dtype),
+            widened(state.mu, nu_dtype),
+            old_nu,
+        )
         count = safe_increment(state.count)
         first = state.count == 0
         t = jnp.where(first, count, state.count)
@@ -79,7 +100,7 @@ class ScaleByAcprop(AbstractTransform):
             g, denom = promote(g, jnp.sqrt(s_hat) + eps.astype(s_hat.dtype))
             return g / denom
 
-        updates = jax.tree.map(step, grads, state.nu)
+        updates = jax.tree.map(step, grads, old_nu)
         return updates, ScaleByBeliefState(
             count, cast_like(mu, state.mu), cast_like(nu, state.nu)
         )
@@ -90,9 +111,23 @@ def scale_by_acprop(
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-16,
     eps_root: ScalarOrSchedule = 1e-16,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByAcprop:
-    """Rescale updates by ACProp's asynchronous centred second moment."""
-    return ScaleByAcprop(b1, b2, eps, eps_root)
+    """Rescale updates by ACProp's asynchronous centred second moment.
+
+    ``mu_dtype`` / ``nu_dtype``: the dtypes the two moments are stored in
+    (default: each parameter's); a non-floating dtype is an error.
+    """
+    return ScaleByAcprop(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )
 
 
 def quarter_power(count: Array) -> Array:
@@ -111,6 +146,9 @@ class ScaleByAdopt(AbstractTransform):
 
     Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the
     Optimal Rate", NeurIPS 2024.
+
+    ``mu_dtype`` stores ``m`` as optax does; ``nu_dtype`` stores ``v``, updated
+    and used in float32 and rounded once when stored.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
@@ -120,10 +158,13 @@ class ScaleByAdopt(AbstractTransform):
     nesterov: bool = eqx.field(static=True)
     use_clipping: bool = eqx.field(static=True)
     clip_value_fn: Callable[[Array], Array] = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(
-            zero_count(), zeros_like(params, self.mu_dtype), zeros_like(params)
+            zero_count(),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
         )
 
     def update(
@@ -135,7 +176,10 @@ class ScaleByAdopt(AbstractTransform):
         b1 = jnp.where(started, resolve(self.b1, state.count, name="b1"), 1.0)
         b2 = jnp.where(started, resolve(self.b2, state.count, name="b2"), 0.0)
         eps = resolve(self.eps, state.count, name="eps")
-        nu = jax.tree.map(lambda g, v: ema(g, v, b2, 2), grads, state.nu)
+        old_nu = widened(state.nu, self.nu_dtype)
+        nu = jax.tree.map(
+            lambda g, v: ema(g, v, b2, 2), widened(grads, self.nu_dtype), old_nu
+        )
         bound = None
         if self.use_clipping:
             bound = jnp.asarray(self.clip_value_fn(state.count))
@@ -148,7 +192,7 @@ class ScaleByAdopt(AbstractTransform):
                 return n
             return jnp.clip(n, -bound.astype(n.dtype), bound.astype(n.dtype))
 
-        steps = jax.tree.map(normalised, grads, state.nu)
+        steps = jax.tree.map(normalised, grads, old_nu)
         mu = jax.tree.map(lambda n, m: ema(n, m, b1, 1), steps, state.mu)
         updates = mu
         if self.nesterov:
@@ -167,8 +211,13 @@ def scale_by_adopt(
     nesterov: bool = False,
     use_clipping: bool = True,
     clip_value_fn: Callable[[Array], Array] = quarter_power,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByAdopt:
-    """Rescale updates by ADOPT (clipped by ``clip_value_fn(count)`` by default)."""
+    """Rescale updates by ADOPT (clipped by ``clip_value_fn(count)`` by default).
+
+    ``mu_dtype`` (optax's) / ``nu_dtype``: the dtypes the two moments are
+    stored in (default: each parameter's).
+    """
     return ScaleByAdopt(
         b1,
         b2,
@@ -177,4 +226,5 @@ def scale_by_adopt(
         nesterov,
         use_clipping,
         clip_value_fn,
+        canonical_dtype(nu_dtype, "nu_dtype"),
     )

@@ -77,10 +77,11 @@ class ScaleByAdamax(AbstractTransform):
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE, guards_division_with=())
     nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
         nu = zeros_like(params, self.nu_dtype)
-        return ScaleByAdamState(zero_count(), zeros_like(params), nu)
+        return ScaleByAdamState(zero_count(), zeros_like(params, self.mu_dtype), nu)
 
     def update(
         self, grads: Updates, state: ScaleByAdamState, params: Params | None = None
@@ -90,7 +91,11 @@ class ScaleByAdamax(AbstractTransform):
         b2 = resolve(self.b2, state.count, name="b2")
         eps = resolve(self.eps, state.count, name="eps")
         count = safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
+        mu = jax.tree.map(
+            lambda g, m: ema(g, m, b1, 1),
+            widened(grads, self.mu_dtype),
+            widened(state.mu, self.mu_dtype),
+        )
         nu = jax.tree.map(
             lambda g, u: jnp.maximum(
                 *promote(jnp.abs(g) + eps.astype(g.dtype), b2.astype(u.dtype) * u)
@@ -201,10 +206,11 @@ class ScaleByBelief(AbstractTransform):
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
     nesterov: bool = eqx.field(static=True)
     nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByBeliefState:
         nu = zeros_like(params, self.nu_dtype)
-        return ScaleByBeliefState(zero_count(), zeros_like(params), nu)
+        return ScaleByBeliefState(zero_count(), zeros_like(params, self.mu_dtype), nu)
 
     def update(
         self, grads: Updates, state: ScaleByBeliefState, params: Params | None = None
@@ -215,7 +221,11 @@ class ScaleByBelief(AbstractTransform):
         eps = resolve(self.eps, state.count, name="eps")
         eps_root = resolve(self.eps_root, state.count, name="eps_root")
         count = safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
+        mu = jax.tree.map(
+            lambda g, m: ema(g, m, b1, 1),
+            widened(grads, self.mu_dtype),
+            widened(state.mu, self.mu_dtype),
+        )
 
         def surprise(g, m, s):
             s = ema(add(g, -m), s, b2, 2)
@@ -264,6 +274,7 @@ class ScaleByYogi(AbstractTransform):
         "initial_accumulator_value", POSITIVE
     )
     nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
         initial = resolve(
@@ -273,7 +284,7 @@ class ScaleByYogi(AbstractTransform):
         )
         return ScaleByAdamState(
             zero_count(),
-            full_like(params, initial),
+            full_like(params, initial, self.mu_dtype),
             full_like(params, initial, self.nu_dtype),
         )
 
@@ -286,7 +297,11 @@ class ScaleByYogi(AbstractTransform):
         eps = resolve(self.eps, state.count, name="eps")
         eps_root = resolve(self.eps_root, state.count, name="eps_root")
         count = safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
+        mu = jax.tree.map(
+            lambda g, m: ema(g, m, b1, 1),
+            widened(grads, self.mu_dtype),
+            widened(state.mu, self.mu_dtype),
+        )
 
         def second(g, v):
             g2, v = promote(g * g, v)
@@ -329,10 +344,11 @@ class ScaleByRadam(AbstractTransform):
     threshold: Hyperparameter = hyperparameter("threshold", REAL)
     nesterov: bool = eqx.field(static=True)
     nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdamState:
         nu = zeros_like(params, self.nu_dtype)
-        return ScaleByAdamState(zero_count(), zeros_like(params), nu)
+        return ScaleByAdamState(zero_count(), zeros_like(params, self.mu_dtype), nu)
 
     def update(
         self, grads: Updates, state: ScaleByAdamState, params: Params | None = None
@@ -344,7 +360,11 @@ class ScaleByRadam(AbstractTransform):
         eps_root = resolve(self.eps_root, state.count, name="eps_root")
         threshold = resolve(self.threshold, state.count, name="threshold")
         count = safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.mu)
+        mu = jax.tree.map(
+            lambda g, m: ema(g, m, b1, 1),
+            widened(grads, self.mu_dtype),
+            widened(state.mu, self.mu_dtype),
+        )
         nu = jax.tree.map(
             lambda g, v: ema(g, v, b2, 2),
             widened(grads, self.nu_dtype),
@@ -381,12 +401,20 @@ def scale_by_adamax(
     eps: ScalarOrSchedule = 1e-8,
     *,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> ScaleByAdamax:
     """Rescale updates by Adamax's first moment over a decayed infinity norm.
 
-    ``nu_dtype`` stores the infinity norm narrower (updated in float32).
+    ``nu_dtype`` stores the infinity norm narrower, ``mu_dtype`` the first
+    moment (each updated in float32, rounded once).
     """
-    return ScaleByAdamax(b1, b2, eps, canonical_dtype(nu_dtype, "nu_dtype"))
+    return ScaleByAdamax(
+        b1,
+        b2,
+        eps,
+        canonical_dtype(nu_dtype, "nu_dtype"),
+        canonical_dtype(mu_dtype, "mu_dtype"),
+    )
 
 
 def scale_by_amsgrad(
@@ -425,14 +453,21 @@ def scale_by_belief(
     *,
     nesterov: bool = False,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> ScaleByBelief:
     """Rescale updates by AdaBelief's moments (of the gradient and its surprise).
 
-    ``nu_dtype`` stores the surprise's second moment narrower (updated in
-    float32, rounded once).
+    ``nu_dtype`` stores the surprise's second moment narrower, ``mu_dtype``
+    the first moment (each updated in float32, rounded once).
     """
     return ScaleByBelief(
-        b1, b2, eps, eps_root, nesterov, canonical_dtype(nu_dtype, "nu_dtype")
+        b1,
+        b2,
+        eps,
+        eps_root,
+        nesterov,
+        canonical_dtype(nu_dtype, "nu_dtype"),
+        canonical_dtype(mu_dtype, "mu_dtype"),
     )
 
 
@@ -444,10 +479,12 @@ def scale_by_yogi(
     initial_accumulator_value: ScalarOrSchedule = 1e-6,
     *,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> ScaleByYogi:
     """Rescale updates by Yogi's moments (an additively updated second moment).
 
-    ``nu_dtype`` stores the second moment narrower (updated in float32).
+    ``nu_dtype`` stores the second moment narrower, ``mu_dtype`` the first
+    (each updated in float32, rounded once).
     """
     return ScaleByYogi(
         b1,
@@ -456,6 +493,7 @@ def scale_by_yogi(
         eps_root,
         initial_accumulator_value,
         canonical_dtype(nu_dtype, "nu_dtype"),
+        canonical_dtype(mu_dtype, "mu_dtype"),
     )
 
 
@@ -468,10 +506,12 @@ def scale_by_radam(
     *,
     nesterov: bool = False,
     nu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> ScaleByRadam:
     """Rescale updates by Rectified Adam's moments.
 
-    ``nu_dtype`` stores the second moment narrower (updated in float32).
+    ``nu_dtype`` stores the second moment narrower, ``mu_dtype`` the first
+    (each updated in float32, rounded once).
     """
     return ScaleByRadam(
         b1,
@@ -481,4 +521,5 @@ def scale_by_radam(
         threshold,
         nesterov,
         canonical_dtype(nu_dtype, "nu_dtype"),
+        canonical_dtype(mu_dtype, "mu_dtype"),
     )

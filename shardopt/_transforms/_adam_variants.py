@@ -30,6 +30,7 @@ from .._tree_math import (
     cast_like,
     ema,
     promote,
+    widened,
     zeros_like,
 )
 
@@ -121,6 +122,10 @@ class ScaleByAdan(AbstractTransform):
 
     Xie, Zhou, Li, Lin & Yan, "Adan: Adaptive Nesterov Momentum Algorithm for
     Faster Optimizing Deep Models", IEEE TPAMI 2024 (arXiv 2022).
+
+    ``mu_dtype`` stores ``m`` and ``v``, ``nu_dtype`` stores ``n``: each is
+    updated in float32 and rounded once when stored. The previous gradient
+    stays in the gradient's dtype (the difference ``d`` needs it exact).
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
@@ -130,10 +135,17 @@ class ScaleByAdan(AbstractTransform):
         "eps", NONNEGATIVE, guards_division_with=("eps_root",)
     )
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleByAdanState:
-        zeros = lambda: zeros_like(params)
-        return ScaleByAdanState(zero_count(), zeros(), zeros(), zeros(), zeros())
+        return ScaleByAdanState(
+            zero_count(),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
+            zeros_like(params),
+        )
 
     def update(
         self, grads: Updates, state: ScaleByAdanState, params: Params | None = None
@@ -151,13 +163,22 @@ class ScaleByAdan(AbstractTransform):
             return jnp.where(state.count == 0, jnp.zeros_like(d), d)
 
         diff = jax.tree.map(difference, grads, state.g)
-        m = jax.tree.map(lambda g, m: ema(g, m, b1, 1), grads, state.m)
-        v = jax.tree.map(lambda d, v: ema(d, v, b2, 1), diff, state.v)
+        mu_dtype, nu_dtype = self.mu_dtype, self.nu_dtype
+        m = jax.tree.map(
+            lambda g, m: ema(g, m, b1, 1),
+            widened(grads, mu_dtype),
+            widened(state.m, mu_dtype),
+        )
+        v = jax.tree.map(
+            lambda d, v: ema(d, v, b2, 1),
+            widened(diff, mu_dtype),
+            widened(state.v, mu_dtype),
+        )
         n = jax.tree.map(
             lambda g, d, n: ema(add(g, (1 - b2).astype(d.dtype) * d), n, b3, 2),
-            grads,
-            diff,
-            state.n,
+            widened(grads, nu_dtype),
+            widened(diff, nu_dtype),
+            widened(state.n, nu_dtype),
         )
 
         def direction(m, v, n):
@@ -244,9 +265,24 @@ def scale_by_adan(
     b3: ScalarOrSchedule = 0.99,
     eps: ScalarOrSchedule = 1e-8,
     eps_root: ScalarOrSchedule = 0.0,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByAdan:
-    """Rescale updates by Adan's moments of the gradient and its change."""
-    return ScaleByAdan(b1, b2, b3, eps, eps_root)
+    """Rescale updates by Adan's moments of the gradient and its change.
+
+    ``mu_dtype`` stores ``m`` and ``v``, ``nu_dtype`` stores ``n`` (default:
+    each parameter's); both are updated in float32 and rounded when stored.
+    """
+    return ScaleByAdan(
+        b1,
+        b2,
+        b3,
+        eps,
+        eps_root,
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )
 
 
 def scale_by_optimistic_gradient(

@@ -24,6 +24,7 @@ from .._tree_math import (
     cast_like,
     ema,
     promote,
+    widened,
     zeros_like,
 )
 
@@ -131,6 +132,9 @@ class ScaleBySimplifiedAdemamix(AbstractTransform):
 
     Morwani, Vyas, Kakade & Mohri, "Connections between Schedule-Free
     Optimizers, AdEMAMix, and Accelerated SGD Variants", arXiv 2025.
+
+    ``mu_dtype`` / ``nu_dtype`` store ``m`` and ``n``: both are updated and
+    used in float32 and rounded once when stored.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
@@ -138,10 +142,14 @@ class ScaleBySimplifiedAdemamix(AbstractTransform):
     alpha: Hyperparameter = hyperparameter("alpha")
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     eps_root: Hyperparameter = hyperparameter("eps_root", NONNEGATIVE)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleBySimplifiedAdEMAMixState:
         return ScaleBySimplifiedAdEMAMixState(
-            zero_count(), zeros_like(params), zeros_like(params)
+            zero_count(),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
         )
 
     def update(
@@ -156,13 +164,19 @@ class ScaleBySimplifiedAdemamix(AbstractTransform):
         alpha = resolve(self.alpha, state.t, name="alpha")
         eps = resolve(self.eps, state.t, name="eps")
         eps_root = resolve(self.eps_root, state.t, name="eps_root")
-        m = jax.tree.map(lambda g, m: add(g, b1.astype(m.dtype) * m), grads, state.m)
+        m = jax.tree.map(
+            lambda g, m: add(g, b1.astype(m.dtype) * m),
+            widened(grads, self.mu_dtype),
+            widened(state.m, self.mu_dtype),
+        )
 
         def second(g, n):
             g2 = g * g
             return add(g2, b2.astype(n.dtype) * add(n, -g2))
 
-        n = jax.tree.map(second, grads, state.n)
+        n = jax.tree.map(
+            second, widened(grads, self.nu_dtype), widened(state.n, self.nu_dtype)
+        )
         t = safe_increment(state.t)
 
         def step(m, g, n):
@@ -181,6 +195,21 @@ def scale_by_simplified_ademamix(
     alpha: ScalarOrSchedule = 0.0,
     eps: ScalarOrSchedule = 1e-8,
     eps_root: ScalarOrSchedule = 0.0,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleBySimplifiedAdemamix:
-    """Rescale updates by simplified AdEMAMix (one undamped momentum)."""
-    return ScaleBySimplifiedAdemamix(b1, b2, alpha, eps, eps_root)
+    """Rescale updates by simplified AdEMAMix (one undamped momentum).
+
+    ``mu_dtype`` / ``nu_dtype``: the dtypes ``m`` and ``n`` are stored in
+    (default: each parameter's); a non-floating dtype is an error.
+    """
+    return ScaleBySimplifiedAdemamix(
+        b1,
+        b2,
+        alpha,
+        eps,
+        eps_root,
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )

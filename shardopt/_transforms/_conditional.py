@@ -16,6 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._base import (
@@ -28,7 +29,7 @@ from .._base import (
     zero_count,
 )
 from .._interop import as_transform
-from .._tree_math import add
+from .._tree_math import add, canonical_dtype, widened, zeros_like
 
 ConditionFn = Callable[..., ArrayLike]
 
@@ -214,14 +215,15 @@ class ApplyEvery(AbstractTransform):
     With ``c = count mod k``: ``acc = g + (acc if c != 0 else 0)`` and the
     update is ``acc`` when ``c == k - 1``, else 0. Transforms chained before
     this one still update their state on every step (unlike optax.MultiSteps).
+    ``accumulator_dtype`` stores the sum (default: each parameter's dtype): it
+    is summed in float32, emitted unrounded and rounded once when stored.
     """
 
     k: int = eqx.field(static=True)
+    accumulator_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ApplyEveryState:
-        return ApplyEveryState(
-            zero_count(), jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
-        )
+        return ApplyEveryState(zero_count(), zeros_like(params, self.accumulator_dtype))
 
     def update(
         self, grads: Updates, state: ApplyEveryState, params: Params | None = None
@@ -234,16 +236,28 @@ class ApplyEvery(AbstractTransform):
             total = add(acc, g)
             return jnp.where(keep, total, g.astype(total.dtype))
 
-        acc = jax.tree.map(accumulate, grads, state.grad_acc)
+        acc = jax.tree.map(
+            accumulate,
+            widened(grads, self.accumulator_dtype),
+            widened(state.grad_acc, self.accumulator_dtype),
+        )
         updates = jax.tree.map(lambda a: jnp.where(emit, a, jnp.zeros_like(a)), acc)
         acc = jax.tree.map(lambda a, old: a.astype(old.dtype), acc, state.grad_acc)
         count = safe_increment(state.count) % self.k
         return updates, ApplyEveryState(count, acc)
 
 
-def apply_every(k: int = 1) -> ApplyEvery:
-    """Accumulate updates and apply their sum every ``k`` steps (``k >= 1``)."""
-    return ApplyEvery(check_int(k, "k", 1))
+def apply_every(
+    k: int = 1, *, accumulator_dtype: DTypeLike | None = None
+) -> ApplyEvery:
+    """Accumulate updates and apply their sum every ``k`` steps (``k >= 1``).
+
+    ``accumulator_dtype``: the dtype the sum is stored in (default: each
+    parameter's); a non-floating dtype is an error.
+    """
+    return ApplyEvery(
+        check_int(k, "k", 1), canonical_dtype(accumulator_dtype, "accumulator_dtype")
+    )
 
 
 def periodic_update(

@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -19,7 +20,7 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import promote
+from .._tree_math import canonical_dtype, cast, promote, widened
 
 DecayRateFn = Callable[[Array, Array], ArrayLike]
 
@@ -95,6 +96,9 @@ class ScaleByFactoredRms(AbstractTransform):
     Cost", ICML 2018; for bounded decays (``decay_rate_fn``), Zhai et al.,
     "Scaling Vision Transformers", CVPR 2022.
 
+    ``nu_dtype`` stores ``R``, ``C`` and ``V`` (default: each parameter's
+    dtype): they are updated and used in float32 and rounded when stored.
+
     Partitioned parameter: the statistics are stored sharded on the dims they
     keep. Per step, each mean over a partitioned dim is a local partial sum
     plus one all-reduce of the statistic (the parameter's size over that dim's
@@ -109,6 +113,7 @@ class ScaleByFactoredRms(AbstractTransform):
     min_dim_size_to_factor: int = eqx.field(static=True)
     epsilon: Hyperparameter = hyperparameter("epsilon", NONNEGATIVE)
     decay_rate_fn: DecayRateFn = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def _dims(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
         return factored_dims(shape, self.factored, self.min_dim_size_to_factor)
@@ -118,14 +123,15 @@ class ScaleByFactoredRms(AbstractTransform):
         rows, cols, full = [], [], []
         for p in leaves:
             dims = self._dims(tuple(p.shape))
+            dtype = self.nu_dtype or p.dtype
             if dims is None:
                 rows.append(None)
                 cols.append(None)
-                full.append(jnp.zeros(p.shape, p.dtype))
+                full.append(jnp.zeros(p.shape, dtype))
                 continue
             d_col, d_row = dims
-            rows.append(jnp.zeros(_reduced(p.shape, d_row), p.dtype))
-            cols.append(jnp.zeros(_reduced(p.shape, d_col), p.dtype))
+            rows.append(jnp.zeros(_reduced(p.shape, d_row), dtype))
+            cols.append(jnp.zeros(_reduced(p.shape, d_col), dtype))
             full.append(None)
         return ScaleByFactoredRmsState(
             zero_count(),
@@ -152,8 +158,12 @@ class ScaleByFactoredRms(AbstractTransform):
         rows = treedef.flatten_up_to(state.v_row)
         cols = treedef.flatten_up_to(state.v_col)
         full = treedef.flatten_up_to(state.v)
+        # with nu_dtype, the statistics are updated and used in float32 (the
+        # gradient and the stored values widened), and rounded when stored
+        rows, cols, full = (widened(t, self.nu_dtype) for t in (rows, cols, full))
         out = [[], [], [], []]
         for g, row, col, v in zip(leaves, rows, cols, full, strict=True):
+            g = widened(g, self.nu_dtype)
             squared = g * g + epsilon.astype(g.dtype)
             dims = self._dims(tuple(g.shape))
             if dims is None:
@@ -170,6 +180,7 @@ class ScaleByFactoredRms(AbstractTransform):
             for bucket, value in zip(out, (u, row, col, v), strict=True):
                 bucket.append(value)
         updates, rows, cols, full = (treedef.unflatten(x) for x in out)
+        rows, cols, full = (cast(t, self.nu_dtype) for t in (rows, cols, full))
         count = safe_increment(state.count)
         return updates, ScaleByFactoredRmsState(count, rows, cols, full)
 
@@ -201,8 +212,14 @@ def scale_by_factored_rms(
     min_dim_size_to_factor: int = 128,
     epsilon: ScalarOrSchedule = 1e-30,
     decay_rate_fn: DecayRateFn = _decay_rate_pow,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByFactoredRms:
-    """Rescale updates by Adafactor's factored estimate of the gradients' RMS."""
+    """Rescale updates by Adafactor's factored estimate of the gradients' RMS.
+
+    ``nu_dtype``: the dtype the statistics are stored in (default: each
+    parameter's); a non-floating dtype is an error.
+    """
     if not callable(decay_rate_fn):
         raise TypeError(
             f"decay_rate_fn must be a function (step, decay_rate) -> decay, got "
@@ -215,4 +232,5 @@ def scale_by_factored_rms(
         check_min_dim(min_dim_size_to_factor),
         epsilon,
         decay_rate_fn,
+        canonical_dtype(nu_dtype, "nu_dtype"),
     )

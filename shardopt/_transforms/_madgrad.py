@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -16,7 +17,14 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, promote, zeros_like
+from .._tree_math import (
+    add,
+    canonical_dtype,
+    cast_like,
+    promote,
+    widened,
+    zeros_like,
+)
 from ._dog import NEEDS_PARAMS, copy
 
 
@@ -37,16 +45,20 @@ class ScaleByMadgrad(AbstractTransform):
 
     Defazio & Jelassi, "A Momentumized, Adaptive, Dual Averaged Gradient Method
     for Stochastic Optimization", JMLR 2022 (arXiv 2021).
+
+    ``accumulator_dtype`` stores the two sums ``G`` and ``s``: they are summed
+    and used in float32 and rounded once when stored. ``x0`` stays in the
+    parameters' dtype.
     """
 
     learning_rate: Hyperparameter = hyperparameter("learning_rate", NONNEGATIVE)
     momentum: Hyperparameter = hyperparameter("momentum", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    accumulator_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> MadgradState:
-        return MadgradState(
-            zero_count(), zeros_like(params), zeros_like(params), copy(params)
-        )
+        sums = lambda: zeros_like(params, self.accumulator_dtype)
+        return MadgradState(zero_count(), sums(), sums(), copy(params))
 
     def update(
         self, grads: Updates, state: MadgradState, params: Params | None = None
@@ -58,13 +70,17 @@ class ScaleByMadgrad(AbstractTransform):
         momentum = resolve(self.momentum, count, name="momentum")
         eps = resolve(self.eps, count, name="eps")
         weight = (lr + eps) * jnp.sqrt((count + 1).astype(lr.dtype))
+        dtype = self.accumulator_dtype
+        wide_grads = widened(grads, dtype)
         grad_sum_sq = jax.tree.map(
             lambda acc, g: acc + _scaled(weight, g**2).astype(g.dtype),
-            state.grad_sum_sq,
-            grads,
+            widened(state.grad_sum_sq, dtype),
+            wide_grads,
         )
         s = jax.tree.map(
-            lambda acc, g: acc + _scaled(weight, g).astype(g.dtype), state.s, grads
+            lambda acc, g: acc + _scaled(weight, g).astype(g.dtype),
+            widened(state.s, dtype),
+            wide_grads,
         )
 
         def move(x0, s, acc, x):
@@ -73,6 +89,8 @@ class ScaleByMadgrad(AbstractTransform):
             return add(new, -x)
 
         updates = jax.tree.map(move, state.x0, s, grad_sum_sq, params)
+        grad_sum_sq = cast_like(grad_sum_sq, state.grad_sum_sq)
+        s = cast_like(s, state.s)
         return updates, MadgradState(safe_increment(count), grad_sum_sq, s, state.x0)
 
 
@@ -85,6 +103,17 @@ def scale_by_madgrad(
     learning_rate: ScalarOrSchedule,
     momentum: ScalarOrSchedule = 0.9,
     eps: ScalarOrSchedule = 1e-6,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> ScaleByMadgrad:
-    """MADGRAD's update (the learning rate included: the result is the move)."""
-    return ScaleByMadgrad(learning_rate, momentum, eps)
+    """MADGRAD's update (the learning rate included: the result is the move).
+
+    ``accumulator_dtype``: the dtype the two sums are stored in (default: each
+    parameter's); a non-floating dtype is an error.
+    """
+    return ScaleByMadgrad(
+        learning_rate,
+        momentum,
+        eps,
+        canonical_dtype(accumulator_dtype, "accumulator_dtype"),
+    )

@@ -288,7 +288,7 @@ def scale_by_muon(
         ns_steps,
         beta,
         eps,
-        canonical_dtype(mu_dtype),
+        canonical_dtype(mu_dtype, "mu_dtype"),
         bool(nesterov),
         bool(adaptive),
         preconditioning,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -23,7 +24,16 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, promote, vdot, zeros_like
+from .._tree_math import (
+    add,
+    canonical_dtype,
+    cast_like,
+    full_like,
+    promote,
+    vdot,
+    widened,
+    zeros_like,
+)
 from ._dog import NEEDS_PARAMS, copy, scalar_dtypes
 from ._dog import _rounded_as as rounded_as
 
@@ -69,10 +79,20 @@ def _settled_zeros(params: Params) -> Updates:
     return jax.tree.map(zeros, params)
 
 
+def _stored_zeros(params: Params, dtype: jnp.dtype | None) -> Updates:
+    """Zeros in a storage ``dtype`` when one is given, else settled ones."""
+    return _settled_zeros(params) if dtype is None else zeros_like(params, dtype)
+
+
 def _first_step_leaf_rounding(count: Array):
     """On the first step only, round ``x`` to ``dtype`` (a no-op for wider dtypes)."""
     first = count == 0
     return lambda x, dtype: jnp.where(first, rounded_as(x, dtype), x)
+
+
+def _storage_dtype(name: str):
+    """A field converter: the argument ``name`` as a storage dtype (or None)."""
+    return lambda dtype: canonical_dtype(dtype, name)
 
 
 def _divide(a: Array, b: Array) -> Array:
@@ -105,21 +125,26 @@ class ScaleByCocob(AbstractTransform):
 
     Orabona & Tommasi, "Training Deep Networks without Learning Rates Through
     Coin Betting", NeurIPS 2017.
+
+    ``accumulator_dtype`` stores ``C``, ``L``, ``G`` and ``R``: they are
+    updated and used in float32 and rounded once when stored; ``x0`` stays in
+    the parameters' dtype.
     """
 
     alpha: Hyperparameter = hyperparameter("alpha", POSITIVE)
     eps: Hyperparameter = hyperparameter("eps", POSITIVE)
+    accumulator_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> COCOBState:
         eps = resolve(self.eps, zero_count(), name="eps")
-        zeros = zeros_like(params)
+        dtype = self.accumulator_dtype
         return COCOBState(
             zero_count(),
             copy(params),
-            zeros,
-            jax.tree.map(lambda p: jnp.full(p.shape, eps.astype(p.dtype)), params),
-            zeros_like(params),
-            zeros_like(params),
+            zeros_like(params, dtype),
+            full_like(params, eps, dtype),
+            zeros_like(params, dtype),
+            zeros_like(params, dtype),
         )
 
     def update(
@@ -128,44 +153,63 @@ class ScaleByCocob(AbstractTransform):
         if params is None:
             raise ValueError(NEEDS_PARAMS.format(name="scale_by_cocob"))
         alpha = resolve(self.alpha, state.count, name="alpha")
+        wide = lambda tree: widened(tree, self.accumulator_dtype)
+        grads_ = wide(grads)
         scale = jax.tree.map(
-            lambda s, g: jnp.maximum(s, jnp.abs(g)), state.scale, grads
+            lambda s, g: jnp.maximum(s, jnp.abs(g)), wide(state.scale), grads_
         )
         subgradients = jax.tree.map(
-            lambda s, g: s + jnp.abs(g), state.subgradients, grads
+            lambda s, g: s + jnp.abs(g), wide(state.subgradients), grads_
         )
         reward = jax.tree.map(
             lambda r, g, p, p0: jnp.maximum(r - g * (p - p0), jnp.zeros_like(r)),
-            state.reward,
-            grads,
-            params,
-            state.init_particles,
+            wide(state.reward),
+            grads_,
+            wide(params),
+            wide(state.init_particles),
         )
-        cumulative = jax.tree.map(lambda c, g: c - g, state.cumulative_gradients, grads)
+        cumulative = jax.tree.map(
+            lambda c, g: c - g, wide(state.cumulative_gradients), grads_
+        )
 
         def step(p, p0, c, lim, g_sum, r):
             bet = c / (lim * jnp.maximum(g_sum + lim, alpha.astype(lim.dtype) * lim))
             return -p + (p0 + bet * (lim + r))
 
         updates = jax.tree.map(
-            step, params, state.init_particles, cumulative, scale, subgradients, reward
-        )
-        new_state = COCOBState(
-            safe_increment(state.count),
-            state.init_particles,
+            step,
+            wide(params),
+            wide(state.init_particles),
             cumulative,
             scale,
             subgradients,
             reward,
         )
+        new_state = COCOBState(
+            safe_increment(state.count),
+            state.init_particles,
+            cast_like(cumulative, state.cumulative_gradients),
+            cast_like(scale, state.scale),
+            cast_like(subgradients, state.subgradients),
+            cast_like(reward, state.reward),
+        )
         return updates, new_state
 
 
 def scale_by_cocob(
-    alpha: ScalarOrSchedule = 100.0, eps: ScalarOrSchedule = 1e-8
+    alpha: ScalarOrSchedule = 100.0,
+    eps: ScalarOrSchedule = 1e-8,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> ScaleByCocob:
-    """Rescale updates by COCOB-Backprop's coin betting (the update is the move)."""
-    return ScaleByCocob(alpha, eps)
+    """Rescale updates by COCOB-Backprop's coin betting (the update is the move).
+
+    ``accumulator_dtype``: the dtype the four per-element accumulators are
+    stored in (default: each parameter's); a non-floating dtype is an error.
+    """
+    return ScaleByCocob(
+        alpha, eps, canonical_dtype(accumulator_dtype, "accumulator_dtype")
+    )
 
 
 class DAdaptAdamWState(eqx.Module):
@@ -188,6 +232,10 @@ class DAdaptAdamW(AbstractTransform):
     (float32 for a bfloat16 leaf in a mixed tree): the dtypes optax's state
     takes from its second step on.
 
+    Storage dtypes: ``mu_dtype`` for ``m``, ``nu_dtype`` for ``v``,
+    ``accumulator_dtype`` for ``s``; each is updated and used in float32 and
+    rounded once when stored.
+
     Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation",
     ICML 2023.
     """
@@ -198,14 +246,23 @@ class DAdaptAdamW(AbstractTransform):
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     estim_lr0: Hyperparameter = hyperparameter("estim_lr0", POSITIVE)
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
+    mu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=_storage_dtype("mu_dtype")
+    )
+    nu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=_storage_dtype("nu_dtype")
+    )
+    accumulator_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=_storage_dtype("accumulator_dtype")
+    )
 
     def init(self, params: Params) -> DAdaptAdamWState:
         low, high = scalar_dtypes(params)
         d0 = resolve(self.estim_lr0, zero_count(), name="estim_lr0")
         return DAdaptAdamWState(
-            _settled_zeros(params),
-            zeros_like(params),
-            _settled_zeros(params),
+            _stored_zeros(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
+            _stored_zeros(params, self.accumulator_dtype),
             d0.astype(low).astype(high),
             jnp.zeros([], high),
             zero_count(),
@@ -231,29 +288,31 @@ class DAdaptAdamW(AbstractTransform):
         low = _first_step_rounding(params, count)
         dlr = low(low(state.estim_lr * lr) * bc)
 
+        old_m = widened(state.exp_avg, self.mu_dtype)
+        old_v = widened(state.exp_avg_sq, self.nu_dtype)
+        old_s = widened(state.grad_sum, self.accumulator_dtype)
+
         def weighted(s, v):
             return _divide(s, jnp.sqrt(v) + eps.astype(v.dtype))
 
-        numerator = vdot(
-            grads, jax.tree.map(weighted, state.grad_sum, state.exp_avg_sq)
-        )
+        numerator = vdot(grads, jax.tree.map(weighted, old_s, old_v))
         m_rate, s_rate = low((1 - b1) * dlr), low(one_minus_sb2 * dlr)
         leaf = _first_step_leaf_rounding(count)
         exp_avg = jax.tree.map(
             lambda m, g: leaf(add(b1.astype(m.dtype) * m, _scaled(m_rate, g)), g.dtype),
-            state.exp_avg,
+            old_m,
             grads,
         )
         exp_avg_sq = jax.tree.map(
             lambda v, g: b2.astype(v.dtype) * v + (1 - b2).astype(g.dtype) * g * g,
-            state.exp_avg_sq,
-            grads,
+            old_v,
+            widened(grads, self.nu_dtype),
         )
         grad_sum = jax.tree.map(
             lambda s, g: leaf(
                 add(sb2.astype(s.dtype) * s, _scaled(s_rate, g)), g.dtype
             ),
-            state.grad_sum,
+            old_s,
             grads,
         )
         numerator_weighted = sb2 * state.numerator_weighted + s_rate * numerator.astype(
@@ -269,9 +328,9 @@ class DAdaptAdamW(AbstractTransform):
 
         updates = jax.tree.map(step, exp_avg, exp_avg_sq, params)
         new_state = DAdaptAdamWState(
-            exp_avg,
-            exp_avg_sq,
-            grad_sum,
+            cast_like(exp_avg, state.exp_avg),
+            cast_like(exp_avg_sq, state.exp_avg_sq),
+            cast_like(grad_sum, state.grad_sum),
             estim_lr,
             numerator_weighted,
             safe_increment(count),
@@ -307,6 +366,10 @@ class Prodigy(AbstractTransform):
     a bfloat16 leaf in a mixed tree): the dtypes optax's state takes from its
     second step on.
 
+    Storage dtypes: ``mu_dtype`` for ``m``, ``nu_dtype`` for ``v``,
+    ``accumulator_dtype`` for ``s``; each is updated and used in float32 and
+    rounded once when stored. ``x0`` stays in the parameters' dtype.
+
     Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
     Learner", ICML 2024.
     """
@@ -323,14 +386,23 @@ class Prodigy(AbstractTransform):
     estim_lr_coef: Hyperparameter = hyperparameter("estim_lr_coef", NONNEGATIVE)
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     safeguard_warmup: bool = eqx.field(static=True)
+    mu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=_storage_dtype("mu_dtype")
+    )
+    nu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=_storage_dtype("nu_dtype")
+    )
+    accumulator_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=_storage_dtype("accumulator_dtype")
+    )
 
     def init(self, params: Params) -> ProdigyState:
         low, high = scalar_dtypes(params)
         d0 = resolve(self.estim_lr0, zero_count(), name="estim_lr0")
         return ProdigyState(
-            _settled_zeros(params),
-            _settled_zeros(params),
-            _settled_zeros(params),
+            _stored_zeros(params, self.mu_dtype),
+            _stored_zeros(params, self.nu_dtype),
+            _stored_zeros(params, self.accumulator_dtype),
             copy(params),
             d0.astype(low).astype(high),
             jnp.zeros([], high),
@@ -363,7 +435,7 @@ class Prodigy(AbstractTransform):
             lambda m, x, g: leaf(
                 add(b1.astype(m.dtype) * m, (1 - b1).astype(x.dtype) * x), g.dtype
             ),
-            state.exp_avg,
+            widened(state.exp_avg, self.mu_dtype),
             dg,
             grads,
         )
@@ -371,7 +443,7 @@ class Prodigy(AbstractTransform):
             lambda v, x, g: leaf(
                 add(b2.astype(v.dtype) * v, (1 - b2).astype(x.dtype) * x * x), g.dtype
             ),
-            state.exp_avg_sq,
+            widened(state.exp_avg_sq, self.nu_dtype),
             dg,
             grads,
         )
@@ -382,7 +454,10 @@ class Prodigy(AbstractTransform):
             return add(b3.astype(s.dtype) * s, step / d0.astype(step.dtype))
 
         grad_sum = jax.tree.map(
-            lambda s, x, g: leaf(sum_step(s, x), g.dtype), state.grad_sum, dg, grads
+            lambda s, x, g: leaf(sum_step(s, x), g.dtype),
+            widened(state.grad_sum, self.accumulator_dtype),
+            dg,
+            grads,
         )
         numerator_weighted = (
             b3 * state.numerator_weighted + low(low(d / d0) * dlr) * numerator
@@ -397,9 +472,9 @@ class Prodigy(AbstractTransform):
 
         updates = jax.tree.map(step, exp_avg, exp_avg_sq, params)
         new_state = ProdigyState(
-            exp_avg,
-            exp_avg_sq,
-            grad_sum,
+            cast_like(exp_avg, state.exp_avg),
+            cast_like(exp_avg_sq, state.exp_avg_sq),
+            cast_like(grad_sum, state.grad_sum),
             state.params0,
             estim_lr,
             numerator_weighted,

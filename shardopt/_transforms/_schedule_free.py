@@ -175,7 +175,7 @@ def schedule_free(
         learning_rate,
         b1,
         weight_lr_power,
-        canonical_dtype(state_dtype),
+        canonical_dtype(state_dtype, "state_dtype"),
     )
 
 

@@ -7,6 +7,7 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -19,7 +20,7 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, ema, zeros_like
+from .._tree_math import add, canonical_dtype, cast_like, ema, widened, zeros_like
 
 
 class ScaleBySm3State(eqx.Module):
@@ -68,11 +69,17 @@ class ScaleBySm3(AbstractTransform):
     one dim, ``k - 1`` small all-reduces, which XLA may combine); ``mu_i`` of
     the partitioned dim is local, and ``min_i mu_i`` is a broadcast of the
     local shards. Nothing of the leaf's size is gathered.
+
+    Storage dtypes (default: each parameter's): ``accumulator_dtype`` for the
+    ``mu_i``, ``mu_dtype`` for the momentum (the state's ``nu``); each is
+    updated in float32 and rounded once when stored.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", CLOSED_UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
+    accumulator_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ScaleBySm3State:
         leaves, treedef = jax.tree.flatten(params)
@@ -81,10 +88,16 @@ class ScaleBySm3(AbstractTransform):
         for i in range(depth):
             mu.append(
                 treedef.unflatten(
-                    [_zeros_or_none(_cover(tuple(p.shape)), i, p.dtype) for p in leaves]
+                    [
+                        _zeros_or_none(
+                            _cover(tuple(p.shape)), i, self.accumulator_dtype or p.dtype
+                        )
+                        for p in leaves
+                    ]
                 )
             )
-        return ScaleBySm3State(zero_count(), tuple(mu), zeros_like(params))
+        momentum = zeros_like(params, self.mu_dtype)
+        return ScaleBySm3State(zero_count(), tuple(mu), momentum)
 
     def update(
         self, grads: Updates, state: ScaleBySm3State, params: Params | None = None
@@ -99,6 +112,9 @@ class ScaleBySm3(AbstractTransform):
         steps, new_mu = [], [[] for _ in state.mu]
         for j, g in enumerate(leaves):
             old = [tree[j] for tree in per_dim if tree[j] is not None]
+            stored = [x.dtype for x in old]
+            g = widened(g, self.accumulator_dtype)
+            old = widened(old, self.accumulator_dtype)
             smallest = functools.reduce(jnp.minimum, old)
             accum = add(c2.astype(g.dtype) * g**2, b2.astype(smallest.dtype) * smallest)
             inverse = jnp.where(
@@ -111,15 +127,20 @@ class ScaleBySm3(AbstractTransform):
                 if i >= len(old):
                     bucket.append(None)
                 elif g.ndim < 2:
-                    bucket.append(accum.astype(old[i].dtype))
+                    bucket.append(accum.astype(stored[i]))
                 else:
                     others = tuple(d for d in range(g.ndim) if d != i)
                     peak = jnp.max(accum, axis=others, keepdims=True)
-                    bucket.append(peak.astype(old[i].dtype))
+                    bucket.append(peak.astype(stored[i]))
         steps = treedef.unflatten(steps)
-        nu = jax.tree.map(lambda u, m: ema(u, m, b1, 1), steps, state.nu)
+        nu = jax.tree.map(
+            lambda u, m: ema(u, m, b1, 1),
+            widened(steps, self.mu_dtype),
+            widened(state.nu, self.mu_dtype),
+        )
         mu = tuple(treedef.unflatten(bucket) for bucket in new_mu)
-        return nu, ScaleBySm3State(safe_increment(state.count), mu, nu)
+        stored_nu = cast_like(nu, state.nu)
+        return nu, ScaleBySm3State(safe_increment(state.count), mu, stored_nu)
 
 
 def _zeros_or_none(cover: list[tuple[int, ...]], i: int, dtype) -> Array | None:
@@ -130,6 +151,19 @@ def scale_by_sm3(
     b1: ScalarOrSchedule = 0.9,
     b2: ScalarOrSchedule = 1.0,
     eps: ScalarOrSchedule = 1e-8,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> ScaleBySm3:
-    """Rescale updates by SM3's per-dim accumulators, then average with momentum."""
-    return ScaleBySm3(b1, b2, eps)
+    """Rescale updates by SM3's per-dim accumulators, then average with momentum.
+
+    ``accumulator_dtype`` / ``mu_dtype``: the dtypes the accumulators and the
+    momentum are stored in (default: each parameter's).
+    """
+    return ScaleBySm3(
+        b1,
+        b2,
+        eps,
+        canonical_dtype(accumulator_dtype, "accumulator_dtype"),
+        canonical_dtype(mu_dtype, "mu_dtype"),
+    )

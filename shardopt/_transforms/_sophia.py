@@ -14,6 +14,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike
 
 from .._base import (
@@ -35,7 +36,15 @@ from .._hyperparams import (
     resolve,
 )
 from .._interop import as_transform
-from .._tree_math import bias_correction, canonical_dtype, ema, promote, zeros_like
+from .._tree_math import (
+    bias_correction,
+    canonical_dtype,
+    cast_like,
+    ema,
+    promote,
+    widened,
+    zeros_like,
+)
 from ._conditional import check_bool, check_int
 
 
@@ -157,13 +166,14 @@ class ScaleBySophia(AbstractTransform):
     mu_dtype: jnp.dtype | None = eqx.field(static=True)
     verbose: bool = eqx.field(static=True)
     print_win_rate_every_n_steps: int = eqx.field(static=True)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
     takes_extra_args = True
 
     def init(self, params: Params) -> SophiaState:
         return SophiaState(
             zero_count(),
             zeros_like(params, self.mu_dtype),
-            zeros_like(params),
+            zeros_like(params, self.nu_dtype),
             self.hessian_diagonal_fn.init(params),
         )
 
@@ -187,7 +197,8 @@ class ScaleBySophia(AbstractTransform):
             m_hat, bound = promote(m_hat, bound)
             return m_hat / bound
 
-        updates = jax.tree.map(scaled, mu, state.nu)
+        old_nu = widened(state.nu, self.nu_dtype)
+        updates = jax.tree.map(scaled, mu, old_nu)
         if self.clip_threshold is not None:
             c = at("clip_threshold")
             if self.verbose and self.print_win_rate_every_n_steps > 0:
@@ -208,8 +219,9 @@ class ScaleBySophia(AbstractTransform):
             refresh,
             lambda h, n: (h, n),
             state.hessian_fn_state,
-            state.nu,
+            old_nu,
         )
+        nu = cast_like(nu, state.nu)
         mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
         return updates, SophiaState(count, mu, nu, hess_state)
 
@@ -235,9 +247,15 @@ def scale_by_sophia(
     mu_dtype: Any = None,
     verbose: bool = False,
     print_win_rate_every_n_steps: int = 0,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleBySophia:
     """Sophia's scaling (see :func:`~shardopt.sophia`); the Hessian estimator
-    defaults to :func:`hutchinson_estimator_diag_hessian`."""
+    defaults to :func:`hutchinson_estimator_diag_hessian`.
+
+    ``mu_dtype`` stores the momentum as optax does; ``nu_dtype`` stores the
+    Hessian's moving average, updated and used in float32 and rounded once.
+    """
     hessian = (
         hutchinson_estimator_diag_hessian()
         if hessian_diagonal_fn is None
@@ -251,7 +269,8 @@ def scale_by_sophia(
         clip_threshold,
         check_int(update_interval, "update_interval", 1),
         as_transform(hessian, "sophia's hessian_diagonal_fn"),
-        canonical_dtype(mu_dtype),
+        canonical_dtype(mu_dtype, "mu_dtype"),
         check_bool(verbose, "verbose"),
         check_int(print_win_rate_every_n_steps, "print_win_rate_every_n_steps", 0),
+        canonical_dtype(nu_dtype, "nu_dtype"),
     )
