@@ -8,6 +8,8 @@ dtypes are promoted explicitly, so the code runs under strict dtype promotion.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +110,12 @@ def canonical_dtype(
             f"got {canonical.name}: moments and accumulators hold fractions"
         )
     return canonical
+
+
+def storage_dtype(name: str) -> Callable[[Any], jnp.dtype | None]:
+    """A field converter for transforms built directly from their class: the
+    argument ``name`` checked as :func:`canonical_dtype` checks it."""
+    return lambda dtype: canonical_dtype(dtype, name)
 
 
 def widen(x: Array) -> Array:

@@ -301,15 +301,19 @@ def momo(
     lower_bound: ScalarOrSchedule = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     adapt_lower_bound: bool = False,
+    *,
+    mu_dtype: DTypeLike | None = None,
 ) -> Momo:
     """MoMo: SGD with momentum whose step is capped by a model of the loss.
 
     ``tau = min(lr, max(fbar - lb - gamma + <m, x>, 0) / ||m||^2)``,
     ``u = -tau m``; needs ``value=loss`` at every step. Schaipp, Ohana,
     Eickenberg, Defazio & Gower, "MoMo: Momentum Models for Adaptive Learning
-    Rates", ICML 2024.
+    Rates", ICML 2024. ``mu_dtype`` stores the momentum narrower.
     """
-    return Momo(learning_rate, beta, lower_bound, weight_decay, adapt_lower_bound)
+    return Momo(
+        learning_rate, beta, lower_bound, weight_decay, adapt_lower_bound, mu_dtype
+    )
 
 
 def momo_adam(
@@ -320,14 +324,26 @@ def momo_adam(
     lower_bound: ScalarOrSchedule = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     adapt_lower_bound: bool = False,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> MomoAdam:
     """MoMo-Adam: Adam's direction with MoMo's model-capped step size.
 
     ``tau = min(lr / c1, max(fbar - c1 lb - gamma + <m, x>, 0) / <m, m / D>)``,
     ``u = -tau m / D``; needs ``value=loss`` at every step. Schaipp, Ohana,
     Eickenberg, Defazio & Gower, "MoMo: Momentum Models for Adaptive Learning
-    Rates", ICML 2024.
+    Rates", ICML 2024. ``mu_dtype`` / ``nu_dtype`` store ``m`` and ``v``
+    narrower.
     """
     return MomoAdam(
-        learning_rate, b1, b2, eps, lower_bound, weight_decay, adapt_lower_bound
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        lower_bound,
+        weight_decay,
+        adapt_lower_bound,
+        mu_dtype,
+        nu_dtype,
     )

@@ -62,6 +62,7 @@ def muon(
     adam_learning_rate: ScalarOrSchedule | None = None,
     muon_weight_dimension_numbers: WeightDimNumbers = None,
     consistent_rms: ScalarOrSchedule | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Partition:
     """Muon: momentum orthogonalized by Newton-Schulz, AdamW for the rest.
 
@@ -72,7 +73,8 @@ def muon(
     ``adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2, eps,
     adam_eps_root, mu_dtype, adam_weight_decay, nesterov=nesterov)``. Under a
     ZeRO plan each device orthogonalizes whole matrices, its share of them
-    (see docs/matrix.md).
+    (see docs/matrix.md). ``nu_dtype`` stores the AdamW leaves' second moment
+    narrower (updated in float32, rounded once), as :func:`adamw`'s.
 
     Jordan et al., "Muon: An optimizer for hidden layers in neural networks",
     2024; Liu et al., "Muon is Scalable for LLM Training", 2025.
@@ -105,6 +107,7 @@ def muon(
         mu_dtype,
         adam_weight_decay,
         nesterov=nesterov,
+        nu_dtype=nu_dtype,
     )
     return Partition(
         ("muon", "adam"),
@@ -143,6 +146,8 @@ def shampoo(
     adam_eps: ScalarOrSchedule = 1e-8,
     adam_weight_decay: ScalarOrSchedule = 0.0,
     adam_learning_rate: ScalarOrSchedule | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Partition:
     """Shampoo for the matrices (grafted to RMSProp), AdamW for the rest.
 
@@ -152,13 +157,14 @@ def shampoo(
     rate; every other leaf ``adamw(adam_learning_rate or learning_rate, b1,
     b2, adam_eps, weight_decay=adam_weight_decay)``. Under a plan each device
     computes the inverse roots of whole matrices, its share of them.
+    ``mu_dtype`` / ``nu_dtype`` store both parts' moments narrower.
 
     Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor
     Optimization", ICML 2018; Anil et al., "Scalable Second Order
     Optimization for Deep Learning", 2020.
     """
     matrices = chain(
-        scale_by_shampoo(b1, b2, eps, adam_eps),
+        scale_by_shampoo(b1, b2, eps, adam_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, weight_decay_mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -167,7 +173,9 @@ def shampoo(
         b1,
         b2,
         adam_eps,
+        mu_dtype=mu_dtype,
         weight_decay=adam_weight_decay,
+        nu_dtype=nu_dtype,
     )
     return _with_adam_fallback("shampoo", matrices, rest)
 
@@ -184,6 +192,8 @@ def soap(
     *,
     adam_weight_decay: ScalarOrSchedule = 0.0,
     adam_learning_rate: ScalarOrSchedule | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> Partition:
     """SOAP for the matrices (Adam in Shampoo's eigenbasis), AdamW for the rest.
 
@@ -191,12 +201,21 @@ def soap(
     rate; every other leaf ``adamw(adam_learning_rate or learning_rate, b1,
     b2, eps, weight_decay=adam_weight_decay)`` (SOAP on a vector is Adam).
     Under a plan each device computes the eigenbases of whole matrices, its
-    share of them.
+    share of them. ``mu_dtype`` / ``nu_dtype`` store both parts' moments
+    narrower.
 
     Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
     """
     matrices = chain(
-        scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency),
+        scale_by_soap(
+            b1,
+            b2,
+            shampoo_beta,
+            eps,
+            precondition_frequency,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
         add_decayed_weights(weight_decay, weight_decay_mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -205,6 +224,8 @@ def soap(
         b1,
         b2,
         eps,
+        mu_dtype=mu_dtype,
         weight_decay=adam_weight_decay,
+        nu_dtype=nu_dtype,
     )
     return _with_adam_fallback("soap", matrices, rest)

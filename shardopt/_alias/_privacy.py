@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jax.typing import DTypeLike
+
 from .._base import identity
 from .._hyperparams import ScalarOrSchedule
 from .._transforms._combinators import Chain, chain
@@ -17,6 +19,8 @@ def dpsgd(
     seed: int,
     momentum: ScalarOrSchedule | None = None,
     nesterov: bool = False,
+    *,
+    accumulator_dtype: DTypeLike | None = None,
 ) -> Chain:
     """DP-SGD: SGD (optionally with momentum) on privately aggregated gradients.
 
@@ -25,9 +29,12 @@ def dpsgd(
     norm ``l2_norm_clip``; Gaussian noise of standard deviation
     ``l2_norm_clip * noise_multiplier`` is added to their sum, seeded by
     ``seed``. Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
+    ``accumulator_dtype`` stores the momentum narrower, as :func:`trace` does.
     """
     momentum_part = (
-        identity() if momentum is None else trace(momentum, nesterov=nesterov)
+        identity()
+        if momentum is None
+        else trace(momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
     )
     return chain(
         differentially_private_aggregate(l2_norm_clip, noise_multiplier, seed),

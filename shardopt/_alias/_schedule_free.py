@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from .._base import identity
 from .._hyperparams import ScalarOrSchedule
@@ -49,16 +50,22 @@ def schedule_free_adamw(
     weight_decay: float = 0.0,
     weight_lr_power: float = 2.0,
     state_dtype: jnp.dtype | str | None = None,
+    *,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScheduleFree:
     """Schedule-Free AdamW: bias-corrected RMS scaling, decoupled weight decay.
 
     The base optimizer is AdamW without momentum (``scale_by_rms`` with
     ``eps`` outside the root and bias correction, as optax has it). Defazio et
-    al., "The Road Less Scheduled", NeurIPS 2024.
+    al., "The Road Less Scheduled", NeurIPS 2024. ``state_dtype`` (optax's)
+    stores ``z``; ``nu_dtype`` stores the second moment (updated in float32,
+    rounded once), as :func:`scale_by_rms`'s.
     """
     learning_rate = _with_warmup(learning_rate, warmup_steps)
     optimizer = chain(
-        scale_by_rms(b2, eps, eps_in_sqrt=False, bias_correction=True),
+        scale_by_rms(
+            b2, eps, eps_in_sqrt=False, bias_correction=True, nu_dtype=nu_dtype
+        ),
         add_decayed_weights(weight_decay),
         scale_by_learning_rate(learning_rate),
     )

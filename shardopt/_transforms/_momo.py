@@ -20,7 +20,16 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, promote, squared_norm, vdot, zeros_like
+from .._tree_math import (
+    add,
+    cast_like,
+    promote,
+    squared_norm,
+    storage_dtype,
+    vdot,
+    widened,
+    zeros_like,
+)
 from ._dog import scalar_dtypes
 
 # optax's threshold below which the momentum's norm counts as zero: float64's eps
@@ -89,6 +98,9 @@ class Momo(AbstractTransform):
     intermediates depends on fusion. On a tree of one dtype the numbers are
     optax's.
 
+    ``mu_dtype`` stores the momentum: updated and used in float32, rounded
+    once when stored.
+
     Schaipp, Ohana, Eickenberg, Defazio & Gower, "MoMo: Momentum Models for
     Adaptive Learning Rates", ICML 2024.
     """
@@ -98,13 +110,16 @@ class Momo(AbstractTransform):
     lower_bound: Hyperparameter = hyperparameter("lower_bound")
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     adapt_lower_bound: bool = eqx.field(static=True)
+    mu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=storage_dtype("mu_dtype")
+    )
     takes_extra_args = True
 
     def init(self, params: Params) -> MomoState:
         _, high = scalar_dtypes(params)
         lb = resolve(self.lower_bound, zero_count(), name="lower_bound").astype(high)
         return MomoState(
-            zeros_like(params),
+            zeros_like(params, self.mu_dtype),
             jnp.zeros([], high),
             jnp.zeros([], high),
             lb,
@@ -131,8 +146,8 @@ class Momo(AbstractTransform):
         barf = _ema(bt, state.barf, value)
         exp_avg = jax.tree.map(
             lambda m, g: bt.astype(m.dtype) * m + (1 - bt).astype(g.dtype) * g,
-            state.exp_avg,
-            grads,
+            widened(state.exp_avg, self.mu_dtype),
+            widened(grads, self.mu_dtype),
         )
         gx = vdot(grads, params)
         gamma = add(bt.astype(high) * state.gamma, (1 - bt).astype(gx.dtype) * gx)
@@ -156,6 +171,7 @@ class Momo(AbstractTransform):
             model = add(add(barf, iprod), -gamma)
             lb = jnp.maximum(add(model, -(0.5 * tau * norm)), floor)
             lb = lb.astype(state.lb.dtype)
+        exp_avg = cast_like(exp_avg, state.exp_avg)
         new_state = MomoState(exp_avg, barf, gamma, lb, safe_increment(count))
         return updates, new_state
 
@@ -175,7 +191,8 @@ class MomoAdam(AbstractTransform):
     ``D = eps + sqrt(v / (1 - b2^t))``, ``n = <m, m / D>``, ``c1 = 1 - b1^t``;
     ``t = max(k (fbar - c1 lb - gamma) + <m, x>, 0) / n``, ``tau = min(lr / c1,
     t)``, update ``-(lr wd / k) x - tau m / D`` with ``k = 1 + lr wd``.
-    The scalars are kept as :func:`momo`'s.
+    The scalars are kept as :func:`momo`'s. ``mu_dtype`` / ``nu_dtype``
+    store ``m`` and ``v``: updated and used in float32, rounded once.
 
     Schaipp, Ohana, Eickenberg, Defazio & Gower, "MoMo: Momentum Models for
     Adaptive Learning Rates", ICML 2024.
@@ -188,14 +205,20 @@ class MomoAdam(AbstractTransform):
     lower_bound: Hyperparameter = hyperparameter("lower_bound")
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     adapt_lower_bound: bool = eqx.field(static=True)
+    mu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=storage_dtype("mu_dtype")
+    )
+    nu_dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=storage_dtype("nu_dtype")
+    )
     takes_extra_args = True
 
     def init(self, params: Params) -> MomoAdamState:
         _, high = scalar_dtypes(params)
         lb = resolve(self.lower_bound, zero_count(), name="lower_bound").astype(high)
         return MomoAdamState(
-            zeros_like(params),
-            zeros_like(params),
+            zeros_like(params, self.mu_dtype),
+            zeros_like(params, self.nu_dtype),
             jnp.zeros([], high),
             jnp.zeros([], high),
             lb,
@@ -224,13 +247,13 @@ class MomoAdam(AbstractTransform):
         barf = _ema(b1, state.barf, value)
         exp_avg = jax.tree.map(
             lambda m, g: b1.astype(m.dtype) * m + (1 - b1).astype(g.dtype) * g,
-            state.exp_avg,
-            grads,
+            widened(state.exp_avg, self.mu_dtype),
+            widened(grads, self.mu_dtype),
         )
         exp_avg_sq = jax.tree.map(
             lambda v, g: b2.astype(v.dtype) * v + (1 - b2).astype(g.dtype) * g * g,
-            state.exp_avg_sq,
-            grads,
+            widened(state.exp_avg_sq, self.nu_dtype),
+            widened(grads, self.nu_dtype),
         )
         bc2 = (1 - b2 ** t.astype(b2.dtype)).astype(high)
         bc1 = (1 - b1 ** t.astype(b1.dtype)).astype(high)
@@ -267,5 +290,7 @@ class MomoAdam(AbstractTransform):
             model = add(add(barf, iprod), -gamma)
             lb = jnp.maximum(_div(add(model, -(0.5 * tau * norm)), bc1), floor)
             lb = lb.astype(state.lb.dtype)
+        exp_avg = cast_like(exp_avg, state.exp_avg)
+        exp_avg_sq = cast_like(exp_avg_sq, state.exp_avg_sq)
         new_state = MomoAdamState(exp_avg, exp_avg_sq, barf, gamma, lb, t)
         return updates, new_state

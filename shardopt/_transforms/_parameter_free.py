@@ -30,6 +30,7 @@ from .._tree_math import (
     cast_like,
     full_like,
     promote,
+    storage_dtype,
     vdot,
     widened,
     zeros_like,
@@ -88,11 +89,6 @@ def _first_step_leaf_rounding(count: Array):
     """On the first step only, round ``x`` to ``dtype`` (a no-op for wider dtypes)."""
     first = count == 0
     return lambda x, dtype: jnp.where(first, rounded_as(x, dtype), x)
-
-
-def _storage_dtype(name: str):
-    """A field converter: the argument ``name`` as a storage dtype (or None)."""
-    return lambda dtype: canonical_dtype(dtype, name)
 
 
 def _divide(a: Array, b: Array) -> Array:
@@ -247,13 +243,13 @@ class DAdaptAdamW(AbstractTransform):
     estim_lr0: Hyperparameter = hyperparameter("estim_lr0", POSITIVE)
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     mu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=_storage_dtype("mu_dtype")
+        static=True, default=None, converter=storage_dtype("mu_dtype")
     )
     nu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=_storage_dtype("nu_dtype")
+        static=True, default=None, converter=storage_dtype("nu_dtype")
     )
     accumulator_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=_storage_dtype("accumulator_dtype")
+        static=True, default=None, converter=storage_dtype("accumulator_dtype")
     )
 
     def init(self, params: Params) -> DAdaptAdamWState:
@@ -387,13 +383,13 @@ class Prodigy(AbstractTransform):
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     safeguard_warmup: bool = eqx.field(static=True)
     mu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=_storage_dtype("mu_dtype")
+        static=True, default=None, converter=storage_dtype("mu_dtype")
     )
     nu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=_storage_dtype("nu_dtype")
+        static=True, default=None, converter=storage_dtype("nu_dtype")
     )
     accumulator_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=_storage_dtype("accumulator_dtype")
+        static=True, default=None, converter=storage_dtype("accumulator_dtype")
     )
 
     def init(self, params: Params) -> ProdigyState:

@@ -20,6 +20,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -32,7 +33,14 @@ from .._hyperparams import (
     resolve,
 )
 from .._tree import describe, path_str
-from .._tree_math import bias_correction, ema
+from .._tree_math import (
+    bias_correction,
+    canonical_dtype,
+    cast_like,
+    ema,
+    widened,
+    zeros_like,
+)
 from ._matrix_layout import Item, current_matrix_layout, per_matrix
 
 _NOT_A_MATRIX = (
@@ -135,20 +143,25 @@ class ScaleByShampoo(AbstractTransform):
     bias-corrected momentum ``M = b1 M + (1 - b1) P``. Gupta, Koren & Singer,
     "Shampoo: Preconditioned Stochastic Tensor Optimization", ICML 2018;
     Anil et al., "Scalable Second Order Optimization for Deep Learning", 2020.
+
+    ``M`` and ``V`` are stored in float32, or in ``mu_dtype`` / ``nu_dtype``
+    (updated and used in float32, rounded once when stored); the factors stay
+    in float32, which their inverse roots need.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", POSITIVE)
     graft_eps: Hyperparameter = hyperparameter("graft_eps", POSITIVE)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> ShampooState:
         check_matrices("shampoo", params)
-        zeros = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
         return ShampooState(
             zero_count(),
-            zeros(),
-            zeros(),
+            zeros_like(params, self.mu_dtype or jnp.float32),
+            zeros_like(params, self.nu_dtype or jnp.float32),
             factor_zeros(params, True),
             factor_zeros(params, False),
         )
@@ -176,7 +189,8 @@ class ScaleByShampoo(AbstractTransform):
             safe = jnp.where(norm_p > 0, norm_p, 1)
             return p * jnp.where(norm_p > 0, norm_d / safe, 0), v, left, right
 
-        flat = [jax.tree.leaves(t) for t in (g32, state.nu, state.left, state.right)]
+        nu = widened(state.nu, self.nu_dtype)
+        flat = [jax.tree.leaves(t) for t in (g32, nu, state.left, state.right)]
         items = []
         for (path, x), *ins in zip(leaves, *flat, strict=True):
             spec, lspec, rspec = specs_of(path, x)
@@ -185,11 +199,13 @@ class ScaleByShampoo(AbstractTransform):
         results = per_matrix(one, items)
         treedef = jax.tree.structure(grads)
         unflat = lambda i: jax.tree.unflatten(treedef, [r[i] for r in results])
-        mu = jax.tree.map(lambda p, m: ema(p, m, b1, 1), unflat(0), state.mu)
+        mu = widened(state.mu, self.mu_dtype)
+        mu = jax.tree.map(lambda p, m: ema(p, m, b1, 1), unflat(0), mu)
         updates = jax.tree.map(
             lambda m, g: bias_correction(m, b1, count).astype(g.dtype), mu, grads
         )
-        new = ShampooState(count, mu, unflat(1), unflat(2), unflat(3))
+        mu, nu = cast_like(mu, state.mu), cast_like(unflat(1), state.nu)
+        new = ShampooState(count, mu, nu, unflat(2), unflat(3))
         return updates, new
 
 
@@ -198,10 +214,22 @@ def scale_by_shampoo(
     b2: ScalarOrSchedule = 0.999,
     eps: ScalarOrSchedule = 1e-6,
     graft_eps: ScalarOrSchedule = 1e-8,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleByShampoo:
     """Rescale matrix updates by Shampoo's Kronecker-factored preconditioner.
 
     Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor
-    Optimization", ICML 2018. See :class:`ScaleByShampoo`.
+    Optimization", ICML 2018. See :class:`ScaleByShampoo`; ``mu_dtype`` /
+    ``nu_dtype`` store the momentum and the grafting's second moment
+    (default float32).
     """
-    return ScaleByShampoo(b1, b2, eps, graft_eps)
+    return ScaleByShampoo(
+        b1,
+        b2,
+        eps,
+        graft_eps,
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        canonical_dtype(nu_dtype, "nu_dtype"),
+    )

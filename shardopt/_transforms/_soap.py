@@ -16,6 +16,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -27,7 +28,14 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import bias_correction, ema
+from .._tree_math import (
+    bias_correction,
+    canonical_dtype,
+    cast_like,
+    ema,
+    widened,
+    zeros_like,
+)
 from ._matrix_layout import Item, current_matrix_layout, per_matrix
 from ._shampoo import (
     LEFT,
@@ -72,6 +80,10 @@ class ScaleBySoap(AbstractTransform):
     G'^2``, ``N' = M'_hat / (sqrt(V_hat) + eps)`` with ``M' = Q_L^T M Q_R``
     and Adam's bias corrections, and the update ``Q_L N' Q_R^T``. Vyas et
     al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
+
+    ``M`` and ``V`` are stored in float32, or in ``mu_dtype`` / ``nu_dtype``
+    (updated and used in float32, rounded once when stored); the factors and
+    eigenbases stay in float32.
     """
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
@@ -79,18 +91,19 @@ class ScaleBySoap(AbstractTransform):
     shampoo_beta: Hyperparameter = hyperparameter("shampoo_beta", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     precondition_frequency: int = eqx.field(static=True)
+    mu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    nu_dtype: jnp.dtype | None = eqx.field(static=True, default=None)
 
     def init(self, params: Params) -> SoapState:
         check_matrices("soap", params)
-        zeros = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
         eye = lambda rows: jax.tree.map(
             lambda x: jnp.eye(x.shape[0] if rows else x.shape[1], dtype=jnp.float32),
             params,
         )
         return SoapState(
             zero_count(),
-            zeros(),
-            zeros(),
+            zeros_like(params, self.mu_dtype or jnp.float32),
+            zeros_like(params, self.nu_dtype or jnp.float32),
             factor_zeros(params, True),
             factor_zeros(params, False),
             eye(True),
@@ -129,7 +142,8 @@ class ScaleBySoap(AbstractTransform):
             return ql @ n @ qr.T, m, v, left, right, ql, qr
 
         layout = current_matrix_layout()
-        ins = [state.mu, state.nu, state.left, state.right, state.q_left]
+        mu, nu = widened(state.mu, self.mu_dtype), widened(state.nu, self.nu_dtype)
+        ins = [mu, nu, state.left, state.right, state.q_left]
         flat = [jax.tree.leaves(t) for t in (g32, *ins, state.q_right)]
         items = []
         for (path, x), *arrays in zip(leaves, *flat, strict=True):
@@ -145,7 +159,8 @@ class ScaleBySoap(AbstractTransform):
         treedef = jax.tree.structure(grads)
         unflat = lambda i: jax.tree.unflatten(treedef, [r[i] for r in results])
         updates = jax.tree.map(lambda u, g: u.astype(g.dtype), unflat(0), grads)
-        new = SoapState(count, *(unflat(i) for i in range(1, 7)))
+        mu, nu = cast_like(unflat(1), state.mu), cast_like(unflat(2), state.nu)
+        new = SoapState(count, mu, nu, *(unflat(i) for i in range(3, 7)))
         return updates, new
 
 
@@ -155,11 +170,15 @@ def scale_by_soap(
     shampoo_beta: ScalarOrSchedule | None = None,
     eps: ScalarOrSchedule = 1e-8,
     precondition_frequency: int = 10,
+    *,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> ScaleBySoap:
     """Rescale matrix updates as SOAP does: Adam in Shampoo's eigenbasis.
 
     ``shampoo_beta`` defaults to ``b2``, as in the paper's code. Vyas et al.,
     "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
+    ``mu_dtype`` / ``nu_dtype`` store Adam's moments (default float32).
     """
     if int(precondition_frequency) < 1:
         raise ValueError(
@@ -171,4 +190,6 @@ def scale_by_soap(
         b2 if shampoo_beta is None else shampoo_beta,
         eps,
         int(precondition_frequency),
+        canonical_dtype(mu_dtype, "mu_dtype"),
+        canonical_dtype(nu_dtype, "nu_dtype"),
     )
