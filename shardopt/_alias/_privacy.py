@@ -10,6 +10,7 @@ from .._transforms._combinators import Chain, chain
 from .._transforms._moments import trace
 from .._transforms._privacy import differentially_private_aggregate
 from .._transforms._scale import scale_by_learning_rate
+from .._tree_math import canonical_dtype
 
 
 def dpsgd(
@@ -31,6 +32,8 @@ def dpsgd(
     ``seed``. Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
     ``accumulator_dtype`` stores the momentum narrower, as :func:`trace` does.
     """
+    # checked without momentum too: a bad dtype is an error either way
+    accumulator_dtype = canonical_dtype(accumulator_dtype, "accumulator_dtype")
     momentum_part = (
         identity()
         if momentum is None

@@ -10,6 +10,7 @@ from .._transforms._combinators import Chain, chain
 from .._transforms._lowbit import QuantizeState, with_state_bits
 from .._transforms._moments import trace
 from .._transforms._scale import scale_by_learning_rate
+from .._tree_math import canonical_dtype
 
 
 def sgd(
@@ -28,6 +29,8 @@ def sgd(
 
     ``state_bits=8`` keeps the moments in 8 bits (:func:`shardopt.quantize_state`).
     """
+    # checked without momentum too: a bad dtype is an error either way
+    accumulator_dtype = canonical_dtype(accumulator_dtype, "accumulator_dtype")
     momentum_part = (
         identity()
         if momentum is None
