@@ -220,7 +220,7 @@ def _wraps(transform: object) -> bool:
 
 def low_precision(obj: object) -> list[str]:
     """The constructor's arguments that store state narrower: a state dtype
-    (``mu_dtype``, ...) or 8-bit state (``state_bits``)."""
+    (``mu_dtype``, ``dtype_momentum``, ...) or 8-bit state (``state_bits``)."""
     try:
         parameters = inspect.signature(obj).parameters
     except (TypeError, ValueError):
@@ -228,7 +228,10 @@ def low_precision(obj: object) -> list[str]:
     return [
         p
         for p in parameters
-        if p == "dtype" or p.endswith("_dtype") or p == "state_bits"
+        if p == "dtype"
+        or p.endswith("_dtype")
+        or p.startswith("dtype_")  # optax's adafactor: dtype_momentum
+        or p == "state_bits"
     ]
 
 

@@ -58,6 +58,7 @@ def test_low_precision_options_are_the_dtype_arguments():
     ]
     assert CATALOGUE.low_precision(shardopt.sgd) == ["accumulator_dtype", "state_bits"]
     assert CATALOGUE.low_precision(shardopt.lion) == ["mu_dtype", "state_bits"]
+    assert CATALOGUE.low_precision(shardopt.adafactor) == ["dtype_momentum", "nu_dtype"]
 
 
 def test_every_entry_has_a_row_or_a_named_test():
