@@ -20,6 +20,7 @@ from .._transforms._factored import as_step_offset, scale_by_factored_rms
 from .._transforms._scale import scale, scale_by_learning_rate
 from .._transforms._sm3 import scale_by_sm3
 from .._transforms._trust_ratio import scale_by_param_block_rms
+from .._tree_math import canonical_dtype
 from ._types import Mask
 
 
@@ -63,6 +64,7 @@ def adafactor(
     """
     # checked here so that errors name this function's arguments
     decay_offset = as_step_offset(decay_offset, "decay_offset")
+    dtype_momentum = canonical_dtype(dtype_momentum, "dtype_momentum")
     eps = as_hyperparameter(eps, name="eps", domain=NONNEGATIVE)
     parts = [
         scale_by_factored_rms(
