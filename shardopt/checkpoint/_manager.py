@@ -27,11 +27,10 @@ from ._errors import (
     CorruptCheckpointError,
 )
 from ._handler import (
-    ChecksumHandler,
-    ChecksumRestore,
     ChecksumSave,
     ReadHookArrayHandler,
-    arrays_handler,
+    item_handlers,
+    load_checksums,
 )
 from ._record import (
     Restored,
@@ -154,11 +153,7 @@ class CheckpointManager:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={
-                ARRAYS: arrays_handler(self._reader),
-                "checksums": ChecksumHandler(),
-                META: ocp.JsonCheckpointHandler(),
-            },
+            item_handlers=item_handlers(ARRAYS, META, self._reader),
         )
         if jax.process_index() == 0 and os.path.isdir(self.directory):
             house.remove_leftovers(self.directory)
@@ -467,9 +462,7 @@ class CheckpointManager:
         verifier = None
         try:
             if verify:  # the records first: each array is checked once read
-                records = self._manager.restore(
-                    step, args=ocp.args.Composite(checksums=ChecksumRestore())
-                )["checksums"]
+                records = load_checksums(self._manager, self.directory, step)
                 verifier = Verifier(step, self.directory, ARRAYS, meta, records)
                 self._reader.on_read = verifier.submit
             got = self._read_arrays(step, reads) if reads else {}
