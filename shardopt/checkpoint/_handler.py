@@ -9,7 +9,6 @@ shards; readers add the parts up.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import glob
 import json
@@ -83,35 +82,59 @@ class ChecksumRestore(checkpoint_args.CheckpointArgs):
 class ReadHookArrayHandler(ArrayHandler):
     """Orbax's ArrayHandler that hands each array to ``on_read`` once it is read.
 
-    With a hook set, the arrays of a restore are read concurrently as before
-    (one coroutine each, gathered), but each is passed to the hook as soon as
-    its own read finishes, so the checksums of the first arrays are computed
-    in a thread pool while the later ones are still being read. Without a
-    hook it is Orbax's handler unchanged.
+    With a hook set, the arrays of a restore are read in ``GROUPS`` groups of
+    about equal bytes, one group after the other (the arrays of a group
+    concurrently, as Orbax reads them); each array goes to the hook as soon
+    as its group is read, so the checksums of one group are computed in a
+    thread pool while the next group is read. Fewer, larger groups: each
+    Orbax read call costs ~1 ms of Python (measured: one call per array made
+    a restore of 58 arrays ~25% more expensive in CPU time). Without a hook
+    it is Orbax's handler unchanged.
     """
+
+    GROUPS = 4
 
     def __init__(self) -> None:
         super().__init__(array_metadata_store=array_metadata_store.Store())
         self.on_read: Callable[[str, jax.Array], None] | None = None
-        # reads one array at a time without re-reading the array metadata
-        # file each time (it only wraps typed PRNG keys; ours are saved raw)
-        self._one = ArrayHandler()
+        # reads a group without the array metadata file (it only wraps typed
+        # PRNG keys; ours are saved as raw key data)
+        self._group_reader = ArrayHandler()
 
     async def deserialize(self, infos, args=None):
         hook = self.on_read
-        if hook is None or args is None or len(infos) < 2:
-            arrays = await super().deserialize(infos, args)
-            if hook is not None:
-                for info, array in zip(infos, arrays, strict=True):
-                    hook(keypath_name(info), array)
-            return arrays
+        if hook is None or args is None:
+            return await super().deserialize(infos, args)
+        arrays = []
+        for group in _groups([_nbytes(a) for a in args], self.GROUPS):
+            got = await self._group_reader.deserialize(
+                [infos[i] for i in group], [args[i] for i in group]
+            )
+            for i, array in zip(group, got, strict=True):
+                hook(keypath_name(infos[i]), array)
+            arrays += got
+        return arrays
 
-        async def one(info, arg):
-            (array,) = await self._one.deserialize([info], [arg])
-            hook(keypath_name(info), array)
-            return array
 
-        return list(await asyncio.gather(*map(one, infos, args)))
+def _nbytes(arg: Any) -> int:
+    """The bytes an ``ArrayRestoreArgs`` asks for (1 a value when unknown)."""
+    shape = getattr(arg, "global_shape", None) or ()
+    dtype = getattr(arg, "dtype", None) or np.uint8
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _groups(sizes: list[int], count: int) -> list[list[int]]:
+    """Consecutive index groups of about ``sum(sizes) / count`` bytes each."""
+    total, groups, current, filled = sum(sizes), [], [], 0
+    for i, size in enumerate(sizes):
+        current.append(i)
+        filled += size
+        if filled * count >= total * (len(groups) + 1) and len(groups) < count - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
 
 
 def keypath_name(info: Any) -> str:
