@@ -371,8 +371,8 @@ class CheckpointManager:
             keep_hyperparameters: keep ``opt``'s transform (a new learning rate
                 or schedule) and restore only its state and count.
             verify: compare every array read with the checksums recorded at
-                save (each process its own shards, in a thread pool, each
-                array as soon as it is read; the cost is measured by
+                save (each process the slices it read, in a thread pool, each
+                group of arrays while the next is read; the cost is measured by
                 ``scripts/bench_checkpoint.py``). ``None``
                 (default): whenever the step has checksums; ``True``: also
                 raise if it has none; ``False``: skip the check.

@@ -1,14 +1,15 @@
 """Checking what a restore read against the checksums recorded at save.
 
 Every restore does it by default. Each process checks only the shards it holds
-(the first copy of each), so the cost is one CRC-32 pass over this process's
-bytes. The pass overlaps the read: Orbax's reader hands each array over as
-soon as it is read (``ReadHookArrayHandler``), and its check runs in a thread
-pool (zlib releases the GIL) while the other arrays are still being read. A
-recorded slice that no single local shard contains (the array was saved in
-another layout) is put together from the local shards and checked, when the
-process has all of it; on several processes such a slice is left to the
-processes whose shards contain it.
+(one local copy of each distinct slice: Orbax reads a slice once and places it
+on every local device that holds it), so the cost is one CRC-32 pass over the
+bytes this process read. The pass overlaps the read: Orbax's reader hands the
+arrays over a group at a time as they are read (``ReadHookArrayHandler``), and
+their checks run in a thread pool (zlib releases the GIL) while the next group
+is read. A recorded slice that no single local shard contains (the array was
+saved in another layout) is put together from the local shards and checked,
+when the process has all of it; on several processes such a slice is left to
+the processes whose shards contain it.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
@@ -53,11 +54,13 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
     records = [r for r in records if recorded(r)[1] is not None]
     if not records:
         return None
-    shards = [
-        (_shard_bounds(s.index, leaf.shape), s)
-        for s in leaf.addressable_shards
-        if s.replica_id == 0
-    ]
+    # one local copy of each distinct slice: every slice this process read is
+    # checked (a replica too), its other local copies come from the same read
+    distinct: dict[str, tuple] = {}
+    for s in leaf.addressable_shards:
+        bounds = _shard_bounds(s.index, leaf.shape)
+        distinct.setdefault(str(bounds), (bounds, s))
+    shards = list(distinct.values())
     host: dict[int, np.ndarray] = {}
 
     def data(i: int) -> np.ndarray:
@@ -124,7 +127,7 @@ class Verifier:
     """Checks the arrays of one restore against the checksums, as they arrive.
 
     :meth:`submit` queues a leaf's check in the thread pool; the restore calls
-    it from Orbax's reading loop as soon as each array is read (see
+    it from Orbax's reading loop as soon as each group of arrays is read (see
     ``ReadHookArrayHandler``), so checking overlaps reading. :meth:`finish`
     then checks every leaf of the restored tree that was not submitted, or
     not as the very object that ends up in the tree, waits for all, and raises
