@@ -7,7 +7,10 @@ onto another mesh ((4, 2) with a model axis). Plain Orbax is
 ``ocp.StandardCheckpointer`` saving the same array leaves. Every restore of
 shardopt verifies the checksums by default; the same restores with
 ``verify=False`` give the cost of that check. The variants run interleaved in
-every round. Prints a markdown table of medians and ratios.
+every round. Prints the machine, a markdown table of medians and ratios, and
+the cost of verification as the median of per-round ratios (default over
+``verify=False``, same round) in wall time and in this process's CPU time (all
+threads), which moves less than wall time on a loaded machine.
 
     PYTHONPATH=. python scripts/bench_checkpoint.py [--repeats 5] [--dir /tmp/...]
 """
@@ -19,6 +22,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import argparse
+import platform
 import shutil
 import statistics
 import tempfile
@@ -94,11 +98,35 @@ def same_like(tree):
     )
 
 
-def timed(fn):
+CPU_TIMES: dict[str, list[float]] = {}
+
+
+def timed(fn, cpu_key=None):
+    """Wall seconds of ``fn`` until its arrays are ready (and its CPU seconds,
+    all threads of this process, kept under ``cpu_key``)."""
+    cpu = time.process_time()
     start = time.perf_counter()
     out = fn()
     jax.block_until_ready(eqx.filter(out, eqx.is_array))
-    return time.perf_counter() - start, out
+    wall = time.perf_counter() - start
+    if cpu_key is not None:
+        CPU_TIMES.setdefault(cpu_key, []).append(time.process_time() - cpu)
+    return wall, out
+
+
+def machine() -> str:
+    """The CPU model, core count and load, for the record."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, load average {load}"
 
 
 def main():
@@ -116,6 +144,7 @@ def main():
 
 
 def run(args, root):
+    started = machine()
     params, opt = build(args.width, args.layers)
     arrays = {"params": params, "opt": eqx.filter(opt, eqx.is_array)}
     nbytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
@@ -164,25 +193,30 @@ def run(args, root):
             block = time.perf_counter() - start
             manager.wait()
             save = time.perf_counter() - start
+            key = f"{variant}{rep}" if rep else None
             restore, got = timed(
                 lambda m=manager: m.restore(
                     params=like_same["params"], opt=like_same["opt"]
-                )
+                ),
+                key and f"restore/{key}",
             )
             reshard, _ = timed(
                 lambda m=manager: m.restore(
                     params=like_other["params"], opt=like_other["opt"]
-                )
+                ),
+                key and f"reshard/{key}",
             )
             restore_nv, _ = timed(
                 lambda m=manager: m.restore(
                     params=like_same["params"], opt=like_same["opt"], verify=False
-                )
+                ),
+                key and f"restore_nv/{key}",
             )
             reshard_nv, _ = timed(
                 lambda m=manager: m.restore(
                     params=like_other["params"], opt=like_other["opt"], verify=False
-                )
+                ),
+                key and f"reshard_nv/{key}",
             )
             if rep == 0:  # on the host: a jitted comparison would all-reduce over
                 # 8 devices, which XLA:CPU aborts after 40 s on a starved machine
@@ -210,7 +244,8 @@ def run(args, root):
     }
     print(
         f"{nbytes / 2**20:.0f} MiB of params + AdamW state, {jax.device_count()} "
-        f"devices, median of {args.repeats}\n"
+        f"devices, median of {args.repeats}\nmachine: {started}; at the end: "
+        f"{machine()}\n"
     )
     print(
         "| operation | plain Orbax (s) | shardopt, default (s) | ratio "
@@ -224,15 +259,25 @@ def run(args, root):
         print(
             f"| {label} | {a:.3f} | {b:.3f} | {b / a:.2f}x | {c:.3f} | {c / a:.2f}x |"
         )
-    print("\nverification on restore (default vs verify=False, paired by round):")
+    print(
+        "\nverification on restore: default / verify=False, median of the "
+        "per-round ratios (wall time; CPU time of this process):"
+    )
     for key, nv in (("restore", "restore_nv"), ("reshard", "reshard_nv")):
-        ratios = [
+        walls = [
             a / b
             for a, b in zip(
                 results["shardopt"][key], results["shardopt"][nv], strict=True
             )
         ]
-        print(f"- {labels[key]}: {statistics.median(ratios):.3f}x")
+        cpus = [
+            CPU_TIMES[f"{key}/shardopt{rep}"][0] / CPU_TIMES[f"{nv}/shardopt{rep}"][0]
+            for rep in range(1, args.repeats + 1)
+        ]
+        print(
+            f"- {labels[key]}: {statistics.median(walls):.3f}x wall, "
+            f"{statistics.median(cpus):.3f}x CPU"
+        )
 
 
 if __name__ == "__main__":

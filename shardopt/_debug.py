@@ -11,8 +11,17 @@ overflow). The event is also logged and kept in ``.first``.
 
 A jitted step compiles the check in only if it is traced inside the context:
 enter it before the first call (or clear the cache with ``jax.clear_caches()``).
-Under ``jax.jit`` the error reaches the caller inside JAX's runtime error, with
-this message in its text; called eagerly, it is raised as is.
+
+What the caller gets is always :class:`NonFiniteError` with this message.
+Called eagerly, the check raises it during the step. In a traced step
+(``jax.jit``, ``eqx.filter_jit``, a ZeRO plan's sharded step) an exception
+raised in the host callback would reach the caller wrapped in JAX's runtime
+error and would stay in JAX's runtime tokens, failing every later
+``jax.effects_barrier()``; so there the callback only records the event, and
+the context raises :class:`NonFiniteError` when the ``with`` block ends (after
+waiting for the steps still running), or earlier where the caller asks with
+``nans.check()``. The steps after the first bad one still run; the error names
+the first.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from jaxtyping import Array, PyTree
 from ._tree import leaf_paths
 
 LOG = logging.getLogger("shardopt")
+_MARK = "shardopt.debug_nans"
 
 
 class NonFiniteError(FloatingPointError):
@@ -54,7 +64,7 @@ class NonFiniteEvent:
         )
         others = ", ".join(self.leaves[:10]) + (" ..." if len(self.leaves) > 10 else "")
         return (
-            f"shardopt.debug_nans: at step {self.step} the update of {self.leaf} "
+            f"{_MARK}: at step {self.step} the update of {self.leaf} "
             f"is not finite; {cause}. Non-finite updates at this step: {others}"
         )
 
@@ -65,6 +75,15 @@ class DebugNans:
 
     raise_error: bool = True
     first: NonFiniteEvent | None = None
+    undelivered: bool = False  # found in a traced step, not yet raised
+
+    def check(self) -> None:
+        """Raise now the error a traced step found, if any (waits for the steps
+        still running; the ``with`` block does this as it ends)."""
+        jax.effects_barrier()
+        if self.undelivered:
+            self.undelivered = False
+            raise NonFiniteError(self.first.message())
 
 
 _ACTIVE: list[DebugNans] = []
@@ -84,15 +103,23 @@ def debug_nans(raise_error: bool = True) -> Iterator[DebugNans]:
         print(nans.first)  # NonFiniteEvent(step=0, leaf="['w']", ...)
 
     Args:
-        raise_error: raise :class:`NonFiniteError` at the first event (default);
-            ``False`` only logs it and records it in ``.first``.
+        raise_error: raise :class:`NonFiniteError` at the first event (default:
+            during an eager step; for a traced step when the block ends or at
+            ``nans.check()``); ``False`` only logs it and records it in
+            ``.first``.
     """
     mode = DebugNans(raise_error)
     _ACTIVE.append(mode)
     try:
         yield mode
+        jax.effects_barrier()  # the checks of traced steps still running
+    except Exception as err:
+        if mode.undelivered and not isinstance(err, NonFiniteError):
+            err.add_note(mode.first.message())
+        raise
     finally:
         _ACTIVE.remove(mode)
+    mode.check()
 
 
 def active() -> bool:
@@ -101,8 +128,12 @@ def active() -> bool:
 
 
 def check_step(count: Array, grads: PyTree, updates: PyTree) -> None:
-    """Stage the check of one step's gradients and updates (see module doc)."""
-    mode = _ACTIVE[-1]
+    """Stage the check of one step's gradients and updates (see module doc).
+
+    The callback reports to the context active when the step *runs* (a jitted
+    step traced in one context and called in another reports to the second);
+    outside any context it does nothing.
+    """
     grad_leaves = leaf_paths(grads)
     update_leaves = leaf_paths(updates)
     paths = [p for p in update_leaves if p in grad_leaves]
@@ -113,8 +144,9 @@ def check_step(count: Array, grads: PyTree, updates: PyTree) -> None:
         return jnp.stack([jnp.all(jnp.isfinite(leaves[p])) for p in paths])
 
     def on_host(grad_ok: np.ndarray, update_ok: np.ndarray, step: np.ndarray) -> None:
-        if bool(np.all(update_ok)):
+        if not _ACTIVE or bool(np.all(update_ok)):
             return
+        mode = _ACTIVE[-1]
         bad = [p for p, ok in zip(paths, update_ok, strict=True) if not ok]
         event = NonFiniteEvent(
             step=int(step),
@@ -125,7 +157,12 @@ def check_step(count: Array, grads: PyTree, updates: PyTree) -> None:
         if mode.first is None:
             mode.first = event
             LOG.error("%s", event.message())
-        if mode.raise_error:
+        if not mode.raise_error:
+            return
+        if traced:  # raising here would leave JAX's runtime tokens failed
+            mode.undelivered = True
+        else:
             raise NonFiniteError(event.message())
 
+    traced = isinstance(count, jax.core.Tracer)
     jax.debug.callback(on_host, flags(grad_leaves), flags(update_leaves), count)

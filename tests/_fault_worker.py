@@ -84,8 +84,16 @@ renames = {"n": 0}
 rename = atomicity.async_path.rename
 
 
+def step_of(path) -> int:
+    """The step whose directory ``path`` is in (``<step>.orbax-checkpoint-tmp``
+    or ``<step>``): the background thread writes and commits a step while the
+    loop may already be at the next one, so ``current`` would race."""
+    top = os.path.relpath(str(path), directory).split(os.sep)[0].split(".")[0]
+    return int(top) if top.isdigit() else -1
+
+
 async def killing_rename(src, dst):
-    if kind == "finalize" and current["step"] == kill_step:
+    if kind == "finalize" and step_of(src) == kill_step:
         renames["n"] += 1
         if renames["n"] == arg:
             die(f"at rename {arg} of step {kill_step}: {os.path.basename(str(dst))}")
@@ -97,7 +105,7 @@ write_checksums = _handler.write
 
 
 def killing_write(records, where):
-    if kind == "checksum" and current["step"] == kill_step:
+    if kind == "checksum" and step_of(where) == kill_step:
         die(f"before the checksums of step {kill_step}")
     write_checksums(records, where)
 

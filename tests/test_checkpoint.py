@@ -294,3 +294,51 @@ def test_checkpoints_with_adler32_records_are_still_verified(tmp_path):
     partial.write_text(json.dumps(records))
     with pytest.raises(ChecksumError, match=r"params/w \(checksum mismatch"):
         CheckpointManager(tmp_path).restore(params=params)
+
+
+def test_each_array_is_checked_as_it_is_read_also_onto_another_mesh(
+    tmp_path, monkeypatch
+):
+    """The reader hands every array to the check once read (overlapping the
+    rest of the read); regions saved on 8 devices are put together from the
+    (4, 2) shards, and a flipped byte is still caught there."""
+    from shardopt.checkpoint import _verify
+
+    m8, m42 = mesh(8), mesh(8, (4, 2), ("data", "model"))
+    params = {
+        "w": jnp.arange(4096.0).reshape(64, 64),
+        "b": jnp.arange(64.0),
+        "s": jnp.float32(3.0),
+    }
+    params = {
+        k: jax.device_put(v, NamedSharding(m8, P("data") if v.ndim else P()))
+        for k, v in params.items()
+    }
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+    spec = {"w": P("data", "model"), "b": P("model"), "s": P()}
+    like = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(m42, spec[k]))
+        for k, v in params.items()
+    }
+    submitted = []
+    submit = _verify.Verifier.submit
+
+    def spy(self, name, leaf):
+        submitted.append((name, leaf))
+        submit(self, name, leaf)
+
+    monkeypatch.setattr(_verify.Verifier, "submit", spy)
+    got = CheckpointManager(tmp_path).restore(params=like)
+    assert arrays_equal(got.params, params)
+    # once each, by the reader, and the very arrays that were returned
+    assert sorted(n for n, _ in submitted) == ["params/b", "params/s", "params/w"]
+    assert all(leaf is got.params[n.split("/")[1]] for n, leaf in submitted)
+    (name,) = sorted(_array_files(tmp_path / "1"), key=os.path.getsize)[-1:]
+    with open(name, "r+b") as f:
+        f.seek(os.path.getsize(name) // 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpointError, match="params/w"):
+        CheckpointManager(tmp_path).restore(params=like)

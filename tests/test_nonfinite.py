@@ -78,19 +78,53 @@ def test_non_finite_step_leaves_state_untouched(stage, guard):
     assert all(np.isfinite(x).all() for x in arrays(p2))
 
 
-def test_debug_nans_names_leaf_and_step():
-    p = params()
-    opt = shardopt.Optimizer(shardopt.adam(1e-2), p)
+def _plain_step(p, opt, g):
+    return opt.step(p, g)
+
+
+STEPPERS = {  # how the step runs: each must end in NonFiniteError
+    "eager": lambda: _plain_step,
+    "jax.jit": lambda: jax.jit(_plain_step),
+    "eqx.filter_jit": lambda: eqx.filter_jit(_plain_step),
+    "zero3 on 8 devices, filter_jit": lambda: eqx.filter_jit(_plain_step),
+}
+
+
+@pytest.mark.parametrize("how", sorted(STEPPERS))
+def test_debug_nans_names_leaf_and_step(how):
+    plan = shardopt.zero(3, MESH, min_size=0) if "zero3" in how else None
+    p = plan.shard_params(params()) if plan else params()
+    opt = shardopt.Optimizer(shardopt.adam(1e-2), p, plan=plan)
     for _ in range(2):
-        p, opt = opt.step(p, grads_of(p, 0.1))
+        p, opt = step(p, opt, grads_of(p, 0.1))
+    run = STEPPERS[how]()  # traced inside the context: the check is compiled in
     with (
-        shardopt.debug_nans() as nans,
         pytest.raises(shardopt.NonFiniteError) as err,
+        shardopt.debug_nans() as nans,  # raises as it exits, when traced
     ):
-        opt.step(p, grads_of(p, 0.1, nan=True))
+        out = run(p, opt, grads_of(p, 0.1, nan=True))
+    assert type(err.value) is shardopt.NonFiniteError
     assert "at step 2 the update of ['w'] is not finite" in str(err.value)
     assert "gradient was already non-finite" in str(err.value)
     assert nans.first.step == 2 and nans.first.leaf == "['w']"
+    if how != "eager":  # the traced step ran to its end; nothing left failed
+        assert np.isnan(np.asarray(out[0]["w"])).any()
+        jax.effects_barrier()
+
+
+def test_debug_nans_check_raises_inside_the_block_and_only_once():
+    p = params()
+    opt = shardopt.Optimizer(shardopt.sgd(0.1), p)
+    run = jax.jit(_plain_step)
+    with shardopt.debug_nans() as nans:
+        run(p, opt, grads_of(p, 0.1))
+        nans.check()  # a finite step: nothing to raise
+        run(p, opt, grads_of(p, 0.1, nan=True))
+        bad = r"step 0 the update of \['w'\]"
+        with pytest.raises(shardopt.NonFiniteError, match=bad):
+            nans.check()
+    # raised once: leaving the block after check() raised nothing more
+    assert nans.first.leaf == "['w']"
 
 
 def test_debug_nans_blames_the_optimizer_when_the_gradient_is_finite():

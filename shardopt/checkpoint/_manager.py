@@ -26,7 +26,12 @@ from ._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
-from ._handler import ChecksumRestore, ChecksumSave
+from ._handler import (
+    ChecksumSave,
+    ReadHookArrayHandler,
+    item_handlers,
+    load_checksums,
+)
 from ._record import (
     Restored,
     check_save_args,
@@ -48,7 +53,7 @@ from ._tree import (
     split_empty,
     to_nested,
 )
-from ._verify import read_error, verify_arrays
+from ._verify import Verifier, read_error
 
 FORMAT = "shardopt-checkpoint/2"
 META = "shardopt"
@@ -143,7 +148,13 @@ class CheckpointManager:
             todelete_subdir=house.DELETING,  # an old step goes away atomically
             preservation_policy=policy,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # the arrays' reader hands each array to the checksum check once read
+        self._reader = ReadHookArrayHandler()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers=item_handlers(ARRAYS, META, self._reader),
+        )
         if jax.process_index() == 0 and os.path.isdir(self.directory):
             house.remove_leftovers(self.directory)
         self._pending: int | None = None
@@ -360,8 +371,9 @@ class CheckpointManager:
             keep_hyperparameters: keep ``opt``'s transform (a new learning rate
                 or schedule) and restore only its state and count.
             verify: compare every array read with the checksums recorded at
-                save (each process its own shards, in a thread pool: about 5%
-                of a restore, see ``scripts/bench_checkpoint.py``). ``None``
+                save (each process the slices it read, in a thread pool, each
+                group of arrays while the next is read; the cost is measured by
+                ``scripts/bench_checkpoint.py``). ``None``
                 (default): whenever the step has checksums; ``True``: also
                 raise if it has none; ``False``: skip the check.
             fallback: if the step is corrupted, restore the newest intact
@@ -447,14 +459,15 @@ class CheckpointManager:
             if kept:
                 reads[name] = kept
             empty.update({f"{name}/{path}": x for path, x in found.items()})
+        verifier = None
         try:
+            if verify:  # the records first: each array is checked once read
+                records = load_checksums(self._manager, self.directory, step)
+                verifier = Verifier(step, self.directory, ARRAYS, meta, records)
+                self._reader.on_read = verifier.submit
             got = self._read_arrays(step, reads) if reads else {}
             for path, target in empty.items():
                 put_path(got, path, empty_like(target))
-            if verify:
-                got["checksums"] = self._manager.restore(
-                    step, args=ocp.args.Composite(checksums=ChecksumRestore())
-                )["checksums"]
         except Exception as err:
             damaged = read_error(err, step, self.directory, ARRAYS)
             if damaged is not None:
@@ -465,9 +478,10 @@ class CheckpointManager:
                 f"truncated or corrupted: run `shardopt-ckpt verify "
                 f"{self.directory} --step {step}`"
             ) from err
-        if verify:
-            arrays = {n: got[n] for n in wanted}
-            verify_arrays(step, self.directory, ARRAYS, meta, arrays, got["checksums"])
+        finally:
+            self._reader.on_read = None
+        if verifier is not None:
+            verifier.finish({n: got[n] for n in wanted})
 
         out: dict[str, Any] = {"step": step, "data": meta["data"]}
         out["metadata"] = meta["metadata"]

@@ -26,7 +26,8 @@ def is_arraylike(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
-def _key(entry: Any) -> str:
+def entry_name(entry: Any) -> str:
+    """The string key of one path entry: a field name, dict key or index."""
     if isinstance(entry, jax.tree_util.GetAttrKey):
         return entry.name
     if isinstance(entry, jax.tree_util.DictKey):
@@ -43,7 +44,7 @@ def array_leaves(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(
         eqx.filter(tree, is_arraylike, replace=None)
     )
-    return [(tuple(_key(k) for k in path), leaf) for path, leaf in flat]
+    return [(tuple(entry_name(k) for k in path), leaf) for path, leaf in flat]
 
 
 def to_nested(tree: PyTree) -> Nested:

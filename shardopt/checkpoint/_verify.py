@@ -1,12 +1,15 @@
 """Checking what a restore read against the checksums recorded at save.
 
 Every restore does it by default. Each process checks only the shards it holds
-(the first copy of each), so the cost is one CRC-32 pass over this process's
-bytes, run in a thread pool (zlib releases the GIL) while nothing else waits.
-A recorded slice that no single local shard contains (the array was saved in
-another layout) is checked on the process's whole copy of the array, when the
-process has one; on several processes such a slice is left to the processes
-whose shards contain it.
+(one local copy of each distinct slice: Orbax reads a slice once and places it
+on every local device that holds it), so the cost is one CRC-32 pass over the
+bytes this process read. The pass overlaps the read: Orbax's reader hands the
+arrays over a group at a time as they are read (``ReadHookArrayHandler``), and
+their checks run in a thread pool (zlib releases the GIL) while the next group
+is read. A recorded slice that no single local shard contains (the array was
+saved in another layout) is put together from the local shards and checked,
+when the process has all of it; on several processes such a slice is left to
+the processes whose shards contain it.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
@@ -19,6 +22,7 @@ import concurrent.futures
 import glob
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -50,11 +54,13 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
     records = [r for r in records if recorded(r)[1] is not None]
     if not records:
         return None
-    shards = [
-        (_shard_bounds(s.index, leaf.shape), s)
-        for s in leaf.addressable_shards
-        if s.replica_id == 0
-    ]
+    # one local copy of each distinct slice: every slice this process read is
+    # checked (a replica too), its other local copies come from the same read
+    distinct: dict[str, tuple] = {}
+    for s in leaf.addressable_shards:
+        bounds = _shard_bounds(s.index, leaf.shape)
+        distinct.setdefault(str(bounds), (bounds, s))
+    shards = list(distinct.values())
     host: dict[int, np.ndarray] = {}
 
     def data(i: int) -> np.ndarray:
@@ -117,37 +123,61 @@ def data_files(directory: str, step: int, item: str) -> list[str]:
     return sorted(found, key=lambda p: -os.path.getsize(p))
 
 
-def verify_arrays(
-    step: int,
-    directory: str,
-    item_dir: str,
-    meta: dict,
-    got: dict,
-    records: list[dict],
-) -> None:
-    """Raise :class:`ChecksumError` naming the first leaves that differ."""
-    order = {name: i for i, name in enumerate(meta["checksum_order"])}
-    by_leaf: dict[int, list] = {}
-    for record in records:
-        by_leaf.setdefault(record["leaf"], []).append(record)
-    jobs = {}
-    for item, tree in got.items():
-        for path, leaf in nested_paths(tree).items():
-            name = f"{item}/{path}"
-            if name in order and by_leaf.get(order[name]):
-                jobs[name] = _POOL.submit(_check_leaf, leaf, by_leaf[order[name]])
-    bad = [(name, job.result()) for name, job in jobs.items()]
-    bad = [(name, problem) for name, problem in bad if problem]
-    if bad:
-        files = data_files(directory, step, item_dir)
-        shown = ", ".join(os.path.relpath(f, directory) for f in files[:3])
-        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-        leaves = ", ".join(f"{name} ({problem})" for name, problem in bad[:20])
-        raise ChecksumError(
-            f"step {step} in {directory} is corrupted: {len(bad)} array(s) differ "
-            f"from what was saved: {leaves}; the bytes are in "
-            f"{os.path.join(str(step), item_dir)} (files {shown}{more})"
-        )
+class Verifier:
+    """Checks the arrays of one restore against the checksums, as they arrive.
+
+    :meth:`submit` queues a leaf's check in the thread pool; the restore calls
+    it from Orbax's reading loop as soon as each group of arrays is read (see
+    ``ReadHookArrayHandler``), so checking overlaps reading. :meth:`finish`
+    then checks every leaf of the restored tree that was not submitted, or
+    not as the very object that ends up in the tree, waits for all, and raises
+    :class:`ChecksumError` naming the leaves that differ.
+    """
+
+    def __init__(
+        self, step: int, directory: str, item_dir: str, meta: dict, records: list
+    ):
+        self.step, self.directory, self.item_dir = step, directory, item_dir
+        by_leaf: dict[int, list] = {}
+        for record in records:
+            by_leaf.setdefault(record["leaf"], []).append(record)
+        self._records = {
+            name: by_leaf[i]
+            for i, name in enumerate(meta["checksum_order"])
+            if by_leaf.get(i)
+        }
+        self._jobs: dict[str, tuple[object, concurrent.futures.Future]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, name: str, leaf) -> None:
+        """Start checking the leaf ``name`` ("item/path") in the thread pool."""
+        records = self._records.get(name)
+        if records is None:
+            return
+        with self._lock:
+            self._jobs[name] = (leaf, _POOL.submit(_check_leaf, leaf, records))
+
+    def finish(self, got: dict) -> None:
+        """Check what was not yet, wait, raise if any leaf differs."""
+        for item, tree in got.items():
+            for path, leaf in nested_paths(tree).items():
+                name = f"{item}/{path}"
+                job = self._jobs.get(name)
+                if job is None or job[0] is not leaf:
+                    self.submit(name, leaf)
+        names = [f"{i}/{p}" for i, tree in got.items() for p in nested_paths(tree)]
+        bad = [(n, self._jobs[n][1].result()) for n in names if n in self._jobs]
+        bad = [(name, problem) for name, problem in bad if problem]
+        if bad:
+            files = data_files(self.directory, self.step, self.item_dir)
+            shown = ", ".join(os.path.relpath(f, self.directory) for f in files[:3])
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            leaves = ", ".join(f"{name} ({problem})" for name, problem in bad[:20])
+            raise ChecksumError(
+                f"step {self.step} in {self.directory} is corrupted: {len(bad)} "
+                f"array(s) differ from what was saved: {leaves}; the bytes are in "
+                f"{os.path.join(str(self.step), self.item_dir)} (files {shown}{more})"
+            )
 
 
 _KEY = re.compile(r'Error reading "([^"]+)"')
