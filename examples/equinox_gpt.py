@@ -1,6 +1,7 @@
 """A character-level GPT in Equinox, trained on the Python standard library's source.
 
-    python examples/equinox_gpt.py [--stage 0-3] [--steps N] [--out DIR] [--resume]
+    python examples/equinox_gpt.py [--stage 0-3] [--steps N] [--state-bits 8]
+                                   [--out DIR] [--resume]
 
 The text needs no download: a fixed list of the standard library's own modules
 (``argparse.py``, ``functools.py``, ...) is read at run time. The model is a
@@ -8,6 +9,7 @@ small GPT (token and position embeddings, pre-norm causal self-attention
 blocks, a linear head); the optimizer is AdamW with warmup-cosine learning
 rates and global-norm clipping, sharded by ``shardopt.zero(stage, mesh)`` over
 a 1-D "data" mesh of 8 simulated CPU devices, with the batch split over it.
+``--state-bits 8`` keeps AdamW's moments in 8 bits (``adamw(..., state_bits=8)``).
 
 Every ``--ckpt-every`` steps (and at the end) the parameters, the optimizer and
 the loss history are saved with ``shardopt.CheckpointManager``. ``--resume``
@@ -69,6 +71,7 @@ class Config:
     heads: int = 4
     lr: float = 3e-3
     warmup: int = 100
+    state_bits: int | None = None  # 8: AdamW's moments in 8 bits; None: float32
 
 
 # ----------------------------------------------------------------------- data
@@ -189,7 +192,14 @@ def make_transform(cfg: Config) -> shardopt.AbstractTransform:
     )
     return shardopt.chain(
         shardopt.clip_by_global_norm(1.0),
-        shardopt.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=matrices),
+        shardopt.adamw(
+            schedule,
+            b1=0.9,
+            b2=0.95,
+            weight_decay=0.1,
+            mask=matrices,
+            state_bits=cfg.state_bits,
+        ),
     )
 
 
@@ -237,6 +247,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=d.heads)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=None, help="default: steps // 10")
+    p.add_argument(
+        "--state-bits",
+        type=int,
+        default=None,
+        choices=(8,),
+        help="8: AdamW's moments in 8 bits (default: float32)",
+    )
     p.add_argument("--ckpt-every", type=int, default=250, metavar="N")
     p.add_argument(
         "--stop-after",
@@ -278,6 +295,7 @@ def config_of(args: argparse.Namespace) -> Config:
         args.heads,
         args.lr,
         warmup,
+        args.state_bits,
     )
 
 

@@ -33,6 +33,7 @@ from ._tree import (
     trainable,
 )
 from .sharding._matrix import matrix_layout
+from .sharding._offload import state_on_device
 from .sharding._plan import ShardingPlan
 
 
@@ -135,9 +136,11 @@ class Optimizer(eqx.Module):
         # matrix transforms (muon, shampoo, soap) ask the plan where whole
         # matrices go while this step is traced (see _matrix_layout)
         layout = None if plan is None else matrix_layout(plan, tp)
+        # an offloaded state comes to device memory here and goes back below
+        state = self.state if plan is None else state_on_device(plan, self.state, tp)
         with using_matrix_layout(layout):
             updates, state = update_with_extra_args(
-                self.transform, grads, self.state, tp, extra_args
+                self.transform, grads, state, tp, extra_args
             )
         if _debug.active():
             _debug.check_step(self.count, grads, updates)

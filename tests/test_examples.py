@@ -108,6 +108,32 @@ def test_gpt_resume_refuses_another_run_configuration(examples, tmp_path):
     wider = [a if a != "32" else "48" for a in TINY]
     with pytest.raises(SystemExit, match=r"step 2 .*\(width: saved 32, now 48\)"):
         gpt.main([*wider, *out, "--resume"])
+    # the run configuration includes the optimizer state's bits
+    with pytest.raises(SystemExit, match=r"\(state_bits: saved None, now 8\)"):
+        gpt.main([*TINY, *out, "--state-bits", "8", "--resume"])
+
+
+@same_worker
+def test_gpt_state_bits_8_quantizes_every_matrix(examples):
+    """--state-bits 8: AdamW's two moments of every matrix are 8-bit (checked
+    on shapes; the default run's losses are in docs/low_precision.md)."""
+    import equinox as eqx
+    import jax
+
+    import shardopt
+
+    gpt = examples[0]
+    cfg = gpt.config_of(gpt.parse_args(["--state-bits", "8"]))
+    assert cfg.state_bits == 8
+    model = eqx.filter_eval_shape(gpt.GPT, cfg, jax.random.key(0))
+    params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    state = jax.eval_shape(gpt.make_transform(cfg).init, params)
+    is_q = lambda x: isinstance(x, shardopt.QuantizedArray)
+    quantized = [x for x in jax.tree.leaves(state, is_leaf=is_q) if is_q(x)]
+    matrices = [x for x in jax.tree.leaves(params) if x.ndim == 2]
+    assert len(matrices) == 11  # embed, position, head, 4 per block x 2
+    assert len(quantized) == 2 * len(matrices)
+    assert {q.codes.dtype.name for q in quantized} == {"uint8"}
 
 
 @same_worker

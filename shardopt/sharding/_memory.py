@@ -13,15 +13,21 @@ from jaxtyping import PyTree
 
 from .._interop import as_transform, is_transform
 from .._tree import path_str, trainable
+from ._offload import DEVICE_MEMORY, is_host_memory
 
 keystr = jax.tree_util.keystr
 
 ROLES = ("params", "grads", "state")
+MEMORIES = ("device", "host")  # where bytes are counted: device memory or host RAM
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafBytes:
-    """One leaf: its role, path, shape, dtype, spec, and bytes on each device."""
+    """One leaf: its role, path, shape, dtype, spec, and bytes on each device.
+
+    ``memory_kind`` is the memory those bytes are in: ``"device"``, or a host
+    memory (``"pinned_host"``) for an offloaded state; ``memory`` says which.
+    """
 
     role: str
     path: str
@@ -30,6 +36,12 @@ class LeafBytes:
     spec: PartitionSpec | None
     per_device: tuple[int, ...]
     note: str | None = None
+    memory_kind: str = DEVICE_MEMORY
+
+    @property
+    def memory(self) -> str:
+        """``"host"`` for bytes in host memory, else ``"device"``."""
+        return "host" if is_host_memory(self.memory_kind) else "device"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +49,8 @@ class MemoryReport:
     """Bytes of parameters, gradients and optimizer state on every device.
 
     ``leaves`` has one row per leaf; ``devices`` the device ids in mesh order,
-    which ``per_device`` columns follow. ``totals()`` sums per role and device.
+    which ``per_device`` columns follow. ``totals()`` sums per role and device;
+    ``memory_totals()`` per memory (device memory apart from host memory).
     """
 
     devices: tuple[int, ...]
@@ -45,15 +58,33 @@ class MemoryReport:
     stage: int | None = None
     data_size: int | None = None
 
-    def totals(self) -> dict[str, tuple[int, ...]]:
-        """``{role: bytes on each device}`` for params, grads and state."""
-        out = {}
-        for role in ROLES:
-            rows = [leaf.per_device for leaf in self.leaves if leaf.role == role]
-            out[role] = tuple(int(sum(c)) for c in zip(*rows, strict=True)) or (
-                (0,) * len(self.devices)
+    def totals(self, memory: str | None = None) -> dict[str, tuple[int, ...]]:
+        """``{role: bytes on each device}`` for params, grads and state; only
+        those in ``memory`` (``"device"`` or ``"host"``) if given."""
+        if memory is not None and memory not in MEMORIES:
+            raise ValueError(f"memory must be 'device' or 'host', got {memory!r}")
+        return {
+            role: self._sum(
+                leaf
+                for leaf in self.leaves
+                if leaf.role == role and memory in (None, leaf.memory)
             )
-        return out
+            for role in ROLES
+        }
+
+    def memory_totals(self) -> dict[str, tuple[int, ...]]:
+        """``{"device": bytes, "host": bytes}`` per device, over all roles: what
+        each device's own memory holds, and what is kept for it in host memory."""
+        return {
+            memory: self._sum(leaf for leaf in self.leaves if leaf.memory == memory)
+            for memory in MEMORIES
+        }
+
+    def _sum(self, leaves) -> tuple[int, ...]:
+        rows = [leaf.per_device for leaf in leaves]
+        return tuple(int(sum(c)) for c in zip(*rows, strict=True)) or (
+            (0,) * len(self.devices)
+        )
 
     def per_leaf(self) -> dict[tuple[str, str], tuple[int, ...]]:
         """``{(role, path): bytes on each device}``."""
@@ -64,26 +95,36 @@ class MemoryReport:
         return [leaf for leaf in self.leaves if leaf.note]
 
     def table(self) -> str:
-        """A plain-text table: per leaf bytes per device (max), then totals."""
+        """A plain-text table: per leaf bytes per device (max), then totals.
+
+        With any leaf in host memory, a column gives each leaf's memory kind and
+        the totals are also given per memory (device, host).
+        """
         lines = []
-        head = f"{'role':<7}{'leaf':<44}{'shape':<16}{'spec':<28}{'bytes/device':>13}"
+        host = any(leaf.memory == "host" for leaf in self.leaves)
+        head = f"{'role':<7}{'leaf':<44}{'shape':<16}{'spec':<28}"
+        head += f"{'memory':<13}" if host else ""
+        head += f"{'bytes/device':>13}"
         lines.append(head)
         lines.append("-" * len(head))
         for leaf in self.leaves:
             shape = "x".join(map(str, leaf.shape)) or "()"
             spec = "" if leaf.spec is None else str(tuple(leaf.spec))
-            line = (
-                f"{leaf.role:<7}{leaf.path[:43]:<44}{shape:<16}{spec[:27]:<28}"
-                f"{max(leaf.per_device, default=0):>13,}"
-            )
+            line = f"{leaf.role:<7}{leaf.path[:43]:<44}{shape:<16}{spec[:27]:<28}"
+            line += f"{leaf.memory_kind[:12]:<13}" if host else ""
+            line += f"{max(leaf.per_device, default=0):>13,}"
             if leaf.note:
                 line += f"   (not partitioned: {leaf.note})"
             lines.append(line)
         lines.append("-" * len(head))
-        for role, per in self.totals().items():
+        totals = self.totals()
+        if host:  # all roles, split by memory
+            totals |= {f"{m} memory": v for m, v in self.memory_totals().items()}
+        for name, per in totals.items():
             lo, hi = min(per, default=0), max(per, default=0)
             span = f"{hi:,}" if lo == hi else f"{lo:,} .. {hi:,}"
-            lines.append(f"{role:<7}total per device: {span} bytes")
+            width = 15 if host else 7
+            lines.append(f"{name:<{width}}total per device: {span} bytes")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -102,6 +143,8 @@ def memory_report(plan, params: PyTree, opt_or_transform: Any) -> MemoryReport:
     :class:`shardopt.Optimizer` (its state is read) or a transform (its state
     is built abstractly with ``jax.eval_shape``). Nothing is allocated.
     Gradients are counted in the plan's gradient layout, one tree of them.
+    An offloaded plan's state rows are in its host memory kind; the
+    optimizer's own ``.count`` stays in device memory.
     """
     tp = trainable(params)
     abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
@@ -122,12 +165,20 @@ def memory_report(plan, params: PyTree, opt_or_transform: Any) -> MemoryReport:
             rows.append(
                 LeafBytes(role, name, leaf.shape, leaf.dtype, spec, (size,) * n, note)
             )
+    kind = plan.state_memory_kind or DEVICE_MEMORY
     for leaf in plan.state_layout(state, params):
         size = _shard_bytes(plan.sharding(leaf.spec), leaf.shape, leaf.dtype)
         note = leaf.reason if plan.stage >= 1 else None
         rows.append(
             LeafBytes(
-                "state", leaf.path, leaf.shape, leaf.dtype, leaf.spec, (size,) * n, note
+                "state",
+                leaf.path,
+                leaf.shape,
+                leaf.dtype,
+                leaf.spec,
+                (size,) * n,
+                note,
+                memory_kind=kind,
             )
         )
     rows.append(
@@ -147,7 +198,8 @@ def measure_memory(
 
     ``devices`` is a mesh (or a list of devices) fixing the column order. Pass
     any of ``params`` (trainable leaves are counted), ``grads`` and ``opt``
-    (its ``state`` and ``count``).
+    (its ``state`` and ``count``). Each leaf's memory is its sharding's
+    ``memory_kind``.
     """
     if hasattr(devices, "devices"):
         devices = list(devices.devices.flat)
@@ -161,11 +213,13 @@ def measure_memory(
             for shard in leaf.addressable_shards:
                 per[column[shard.device.id]] += shard.data.nbytes
             spec = getattr(leaf.sharding, "spec", None)
+            kind = getattr(leaf.sharding, "memory_kind", None) or DEVICE_MEMORY
             name = (
                 prefix + (path_str(path) if path else "") if prefix else path_str(path)
             )
+            shape, per = tuple(leaf.shape), tuple(per)
             rows.append(
-                LeafBytes(role, name, tuple(leaf.shape), leaf.dtype, spec, tuple(per))
+                LeafBytes(role, name, shape, leaf.dtype, spec, per, memory_kind=kind)
             )
 
     if params is not None:

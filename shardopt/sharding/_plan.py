@@ -24,6 +24,7 @@ from ._collectives import BUCKET_BYTES
 from ._grad import value_and_grad as _value_and_grad
 from ._memory import MemoryReport
 from ._memory import memory_report as _memory_report
+from ._offload import check_memory_kind, is_host_memory, offload_kind, with_memory_kind
 from ._specs import (
     LeafLayout,
     axes_of,
@@ -92,6 +93,8 @@ class ShardingPlan:
     2       L           Z           Z
     3       Z           Z           Z
     ======  ==========  ==========  ===============
+
+    ``state_memory_kind``: the state's memory between steps (``offload_state``).
     """
 
     stage: int
@@ -102,6 +105,7 @@ class ShardingPlan:
     overrides: tuple[tuple[str, PartitionSpec], ...] = ()
     bucket_bytes: int = BUCKET_BYTES
     bound: tuple[tuple[str, tuple[int, ...], PartitionSpec], ...] | None = None
+    state_memory_kind: str | None = None
 
     def __post_init__(self):
         if self.stage not in _STAGES:
@@ -126,6 +130,8 @@ class ShardingPlan:
             raise ValueError(f"data_axes repeats an axis: {self.data_axes}")
         if self.bucket_bytes < 0:
             raise ValueError(f"bucket_bytes must be >= 0, got {self.bucket_bytes}")
+        if self.state_memory_kind is not None:
+            check_memory_kind(self.state_memory_kind, self.mesh)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -400,9 +406,13 @@ class ShardingPlan:
         specs = [leaf.spec for leaf in self.state_layout(state, params)]
         return jax.tree.unflatten(jax.tree.structure(state), specs)
 
-    def state_shardings(self, state: PyTree, params: PyTree) -> PyTree:
-        """NamedShardings for every array leaf of ``state`` (same tree)."""
-        return self._to_shardings(self.state_specs(state, params))
+    def state_shardings(
+        self, state: PyTree, params: PyTree, memory_kind: str | None = None
+    ) -> PyTree:
+        """NamedShardings for every array leaf of ``state`` (same tree), in
+        ``memory_kind`` (default: where the plan keeps the state)."""
+        shardings = self._to_shardings(self.state_specs(state, params))
+        return with_memory_kind(shardings, memory_kind or self.state_memory_kind)
 
     def check_overrides(self, params: PyTree, state: PyTree) -> None:
         """Raise if an override names a leaf that neither tree has."""
@@ -441,13 +451,14 @@ class ShardingPlan:
 
         Uses ``jax.lax.with_sharding_constraint`` on meshes with Auto axes and
         ``jax.sharding.reshard`` on Explicit ones; works inside and outside jit.
+        A sharding in host memory (offloaded state) is a ``jax.device_put``.
         """
         apply = jax.sharding.reshard if self.explicit else with_sharding_constraint
 
         def one(x, s):
             if x is None or s is None:
                 return x
-            return apply(x, s)
+            return (jax.device_put if is_host_memory(s.memory_kind) else apply)(x, s)
 
         return jax.tree.map(
             one, tree, shardings, is_leaf=lambda x: x is None or eqx.is_array(x)
@@ -531,6 +542,7 @@ def zero(
     strict: bool = False,
     overrides: Mapping[str, PartitionSpec] | None = None,
     bucket_bytes: int = BUCKET_BYTES,
+    offload_state: bool | str = False,
 ) -> ShardingPlan:
     """A ZeRO sharding plan: stage 0 (data parallel) to 3 (FSDP) on ``mesh``.
 
@@ -552,6 +564,9 @@ def zero(
         bucket_bytes: in :meth:`ShardingPlan.value_and_grad` at stages 2-3,
             gradients smaller than this share one reduce-scatter per bucket of
             at most this size; 0 gives each gradient its own.
+        offload_state: keep the optimizer state in host memory between steps
+            (``True``: ``"pinned_host"``; a string names the memory kind); the
+            step updates it in device memory. Raises if a device lacks it.
 
     Example::
 
@@ -577,4 +592,5 @@ def zero(
         strict=bool(strict),
         overrides=items,
         bucket_bytes=as_count(bucket_bytes, name="bucket_bytes"),
+        state_memory_kind=offload_kind(offload_state),
     )
