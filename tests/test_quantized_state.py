@@ -132,6 +132,26 @@ def test_round_trip_matches_the_numpy_reference(shape, block_size):
     assert np.all(back[0] == 0.0)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_codes_at_and_beside_every_midpoint(signed):
+    """The binary search gives the nearest value's code at the boundaries: a
+    value at a midpoint goes down, the next float32 above it goes up."""
+    table = shardopt.dynamic_map(signed=signed)
+    mids = (table[:-1] + (table[1:] - table[:-1]) / 2).astype(np.float32)
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    y = np.concatenate([table, mids, np.nextafter(mids, up), np.nextafter(mids, down)])
+    y = y[(y >= (-1 if signed else 0)) & (y <= 1)]
+    width = 256 * -(-y.size // 256)
+    x = np.zeros(width, np.float32)  # whole blocks, each with 1.0 (absmax 1)
+    x[: y.size] = y
+    x[::256] = 1.0
+    if signed:
+        x[1::256] = -1e-3  # every block signed
+    q = shardopt.quantize(jnp.asarray(x), 256)
+    want = np.searchsorted(mids, x, side="left")
+    np.testing.assert_array_equal(np.asarray(q.codes), want)
+
+
 # ------------------------------------------------------------- memory, layout
 def state_bytes_by_hand(n_devices):
     """AdamW's quantized state on this model, per device, from its layout."""
