@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(row))
             rows.setdefault(row, len(rows))
     # each row's tests one after another (stable: columns keep their order), so
-    # the caches are cleared once per row, not between every two tests
+    # the caches are cleared (when over budget) only between rows
     row_of = lambda item: rows.get(_sharing(item)[1], -1)
     items.sort(
         key=lambda item: (item.module.__name__ == "test_conformance", row_of(item))
@@ -45,16 +45,48 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """Free JAX's compiled executables whenever the next test shares none of them.
+    """Free JAX's compiled executables once they are many, at a point where
+    the next test shares none of them.
 
-    Every executable XLA:CPU loads keeps memory maps; a worker that holds those
-    of the whole suite (over a thousand steps compiled) passes the kernel's
-    limit of 65530 maps, and the next compilation dies with a segfault. Tests
-    of one module share their compilations, and in the conformance table only
-    the tests of one row do.
+    Every executable XLA:CPU loads keeps memory maps (about six) and memory; a
+    worker that holds those of the whole suite (thousands of programs) passes
+    the kernel's limit of memory maps (``vm.max_map_count``, 65530 by default),
+    and the next compilation dies with a segfault. Clearing only past a budget
+    of maps, not after every module or row, keeps what the tests share across
+    them: the small programs of eager operations and of common set-up, the
+    steps of identical rows. Tests of one module share their compilations, and
+    in the conformance table only the tests of one row do, so the caches are
+    cleared between those.
     """
-    if nextitem is None or _sharing(nextitem) != _sharing(item):
+    if nextitem is None or _sharing(nextitem) == _sharing(item):
+        return
+    maps = _memory_maps()
+    if maps is None or maps > _MAP_BUDGET:
         jax.clear_caches()
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+# 8192 maps: about 1300 executables, a worker of about 1 GB resident (measured
+# on the conformance table: some 100 kB per map); far below the kernel's
+# limit, which one module or row never comes near
+_MAP_BUDGET = min(8192, _max_map_count() // 4)
+
+
+def _memory_maps() -> int | None:
+    """How many memory maps this process holds (None where /proc is absent:
+    there the caches are cleared at every boundary, as a safe default)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
 
 
 def _sharing(item):
