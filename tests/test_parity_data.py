@@ -2,8 +2,11 @@
 
 scripts/parity.py writes it (``--write``); the catalogue page shows it. Here:
 it holds exactly the conformance table's rows, each within its bound, and
-measuring a few rows again gives the stored numbers bit for bit (the runs are
-deterministic, and scripts/parity.py configures JAX as tests/conftest.py does).
+measuring a few rows again gives the stored numbers (the runs are deterministic,
+and scripts/parity.py configures JAX as tests/conftest.py does, but XLA:CPU's
+kernels differ between CPUs, by vector width: rmsprop's difference measured
+1.05e-7 on one 2-core Xeon and 1.58e-7 on another, so a re-measurement must
+agree within a factor of two, not bit for bit).
 """
 
 from __future__ import annotations
@@ -45,5 +48,6 @@ def test_measuring_again_gives_the_stored_numbers(name):
     differences = relative_difference(ours(name).params, oracle)
     for dtype in ("float32", "bfloat16"):
         measured = max(d for k, d in differences.items() if oracle[k].dtype == dtype)
-        assert measured == STORED[name][dtype], (name, dtype, FIX)
+        stored = STORED[name][dtype]
+        assert stored / 2 <= measured <= stored * 2, (name, dtype, measured, FIX)
     assert STORED[name]["float32"] > 0
