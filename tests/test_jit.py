@@ -183,3 +183,22 @@ def test_same_numbers_as_filter_jit_under_a_zero_plan():
         np.testing.assert_array_equal(a, b)
     layouts = lambda t: [x.sharding for x in jax.tree.leaves(t)]
     assert layouts(ours[1].state) == layouts(theirs[1].state)
+
+
+def test_plain_jax_jit_with_donation_gives_the_same_numbers():
+    def run(jit):
+        params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}
+        opt = shardopt.Optimizer(shardopt.adamw(1e-2), params)
+        step = jit(lambda p, o, x: _dict_step(p, o, x), donate_argnums=(0, 1))
+        for _ in range(2):
+            params, opt = step(params, opt, X[:, :2])
+        return params, opt
+
+    ours, plain = run(shardopt.jit_step), run(jax.jit)
+    for a, b in zip(_arrays(ours), _arrays(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _dict_step(params, opt, x):
+    loss = lambda p: jnp.sum((x @ p["w"] + p["b"]) ** 2)
+    return opt.step(params, jax.grad(loss)(params))
