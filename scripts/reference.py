@@ -46,9 +46,10 @@ PAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
             "shardopt._base",
             "shardopt._hyperparams",
             "shardopt._interop",
+            "shardopt._jit",
         ),
         "The stateful optimizer, the transform protocol every entry follows, "
-        "schedules' base class and the optax bridge.",
+        "schedules' base class, the optax bridge and the jitted step.",
     ),
     "optimizers": (
         "Optimizers",

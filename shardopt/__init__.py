@@ -67,6 +67,8 @@ from ._debug import NonFiniteError as NonFiniteError
 from ._debug import debug_nans as debug_nans
 from ._hyperparams import AbstractSchedule as AbstractSchedule
 from ._interop import OptaxTransform as OptaxTransform
+from ._jit import JitStep as JitStep
+from ._jit import jit_step as jit_step
 from ._microbatch import AccumulationType as AccumulationType
 from ._microbatch import microbatch as microbatch
 from ._optimizer import Optimizer as Optimizer

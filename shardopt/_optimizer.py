@@ -50,7 +50,9 @@ class Optimizer(eqx.Module):
     so its shapes are known before anything is allocated.
 
     ``params, opt = opt.step(params, grads)`` applies one step. The optimizer is
-    a pytree: pass it through ``eqx.filter_jit`` (donation included) like a model.
+    a pytree: pass it through ``eqx.filter_jit`` (donation included) like a model,
+    or through :func:`shardopt.jit_step`, which flattens it once a call (the
+    fastest dispatch), or through ``jax.jit`` where every leaf is an array.
 
     Example::
 

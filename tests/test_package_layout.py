@@ -67,6 +67,7 @@ def layer(module: str) -> str | None:
         "_interop",
         "_microbatch",
         "_debug",
+        "_jit",
     }:
         return "core"
     if top in {"_transforms", "_schedules", "_alias"}:
