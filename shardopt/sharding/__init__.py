@@ -14,7 +14,7 @@ from ._memory import MemoryReport as MemoryReport
 from ._memory import measure_memory as measure_memory
 from ._memory import memory_report as memory_report
 from ._plan import ShardingPlan as ShardingPlan
-from ._plan import zero as zero
 from ._specs import LeafLayout as LeafLayout
 from ._state import FactoredState as FactoredState
 from ._state import StateLeaf as StateLeaf
+from ._zero import zero as zero
