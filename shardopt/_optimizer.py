@@ -66,14 +66,13 @@ class Optimizer(eqx.Module):
 
         model, opt = train_step(model, opt, jnp.ones((4, 2)), jnp.zeros((4, 1)))
 
-    Flat buffers: when the transform is elementwise (see
-    :meth:`~shardopt.AbstractTransform.is_elementwise`: adam, adamw, sgd, lion,
-    rmsprop, ... without masks or clipping) and there is no plan, the
+    Flat buffers (opt-in, ``fuse=True``): when the transform is elementwise
+    (see :meth:`~shardopt.AbstractTransform.is_elementwise`: adam, adamw, sgd,
+    lion, rmsprop, ... without masks or clipping) and there is no plan, the
     trainable leaves of each dtype are packed into one buffer at init and the
-    update runs once per buffer: the same numbers as leaf by leaf, in a time
-    and a compile time that do not grow with the number of leaves.
-    ``opt.state`` still shows the state per leaf; ``fuse=False`` keeps the
-    state leaf by leaf in storage too.
+    update runs once per buffer, with the numbers of the leaf-by-leaf update.
+    ``opt.state`` still shows the state per leaf. Off by default: on XLA CPU
+    it pays off only with many leaves (docs/benchmarks.md, "Flat buffers").
     """
 
     transform: AbstractTransform
@@ -87,7 +86,7 @@ class Optimizer(eqx.Module):
         transform: Any,
         params: Params,
         plan: ShardingPlan | None = None,
-        fuse: bool = True,
+        fuse: bool = False,
     ):
         transform = as_transform(transform, "the Optimizer's transform")
         self.layout = None
@@ -204,8 +203,12 @@ class Optimizer(eqx.Module):
         (elementwise) transform once per buffer, add, and unpack the sums."""
         layout = self.layout
         layout.check(tp, "parameters")
-        packed_params = layout.pack(tp)
-        packed_grads = layout.pack(grads)
+        # the barriers keep XLA from fusing the concatenation into every
+        # consumer and the update into every slice (a program quadratic in
+        # the leaf count): the buffers are materialised once on each side
+        packed_params, packed_grads = jax.lax.optimization_barrier(
+            (layout.pack(tp), layout.pack(grads))
+        )
         updates, state = update_with_extra_args(
             self.transform, packed_grads, self.stored_state, packed_params, extra_args
         )
@@ -217,7 +220,7 @@ class Optimizer(eqx.Module):
                 for p, u in zip(packed_params.buffers, updates.buffers, strict=True)
             )
         )
-        new_tp = layout.unpack(summed)
+        new_tp = layout.unpack(jax.lax.optimization_barrier(summed))
         new_params = jax.tree.map(
             lambda new, old: old if new is None else new,
             new_tp,

@@ -23,7 +23,8 @@ STEPS = 4
 
 
 def _elementwise(row) -> bool:
-    return shardopt.Optimizer(row.ours(), make_shardable_params()).layout is not None
+    opt = shardopt.Optimizer(row.ours(), make_shardable_params(), fuse=True)
+    return opt.layout is not None
 
 
 FUSED = [row for row in ROWS if _elementwise(row)]
@@ -103,7 +104,7 @@ def test_layout_groups_by_dtype_and_round_trips():
 
 def test_state_is_shown_per_leaf_and_stored_packed():
     params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-    opt = shardopt.Optimizer(shardopt.adam(1e-2), params)
+    opt = shardopt.Optimizer(shardopt.adam(1e-2), params, fuse=True)
     assert isinstance(opt.stored_state[0].mu, Packed)
     assert opt.state[0].mu["w"].shape == (2, 3)
     stored = sum(x.nbytes for x in jax.tree.leaves(opt.stored_state))
@@ -117,7 +118,7 @@ def test_state_is_shown_per_leaf_and_stored_packed():
 
 def test_replace_state_packs_a_per_leaf_state():
     params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-    opt = shardopt.Optimizer(shardopt.adam(1e-2), params)
+    opt = shardopt.Optimizer(shardopt.adam(1e-2), params, fuse=True)
     state = jax.tree.map(lambda x: x + 1, opt.state)
     new = opt.replace_state(state, jnp.int32(5))
     assert isinstance(new.stored_state[0].nu, Packed)
@@ -129,26 +130,26 @@ def test_replace_state_packs_a_per_leaf_state():
 
 def test_params_of_another_shape_are_named():
     params = {"w": jnp.ones((2, 3))}
-    opt = shardopt.Optimizer(shardopt.adam(1e-2), params)
+    opt = shardopt.Optimizer(shardopt.adam(1e-2), params, fuse=True)
     other = {"w": jnp.ones((3, 2))}
     with pytest.raises(ValueError, match=r"\['w'\].*\(3, 2\).*\(2, 3\)"):
         opt.step(other, other)
 
 
-def test_non_elementwise_and_opt_out_stay_per_leaf():
+def test_non_elementwise_and_the_default_stay_per_leaf():
     params = {"w": jnp.ones((2, 3))}
     clipped = shardopt.chain(shardopt.clip_by_global_norm(1.0), shardopt.adam(1e-2))
-    assert shardopt.Optimizer(clipped, params).layout is None
+    assert shardopt.Optimizer(clipped, params, fuse=True).layout is None
     masked = shardopt.adamw(1e-2, mask=lambda p: jax.tree.map(lambda x: True, p))
-    assert shardopt.Optimizer(masked, params).layout is None
-    assert shardopt.Optimizer(shardopt.adam(1e-2), params, fuse=False).layout is None
+    assert shardopt.Optimizer(masked, params, fuse=True).layout is None
+    assert shardopt.Optimizer(shardopt.adam(1e-2), params).layout is None  # default
 
 
 def test_abstract_init_is_fused_too():
     params = make_shardable_params()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    got = shardopt.Optimizer(shardopt.adamw(1e-2), abstract)
-    want = shardopt.Optimizer(shardopt.adamw(1e-2), params)
+    got = shardopt.Optimizer(shardopt.adamw(1e-2), abstract, fuse=True)
+    want = shardopt.Optimizer(shardopt.adamw(1e-2), params, fuse=True)
     assert got.layout == want.layout
     pairs = zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state), strict=True)
     for g, w in pairs:
@@ -174,7 +175,9 @@ def test_optax_state_round_trip_through_a_fused_optimizer():
     params, opt = _run(shardopt.adam(1e-2), True)
     theirs = to_optax(opt, optax.adam(1e-2).init(params))
     np.testing.assert_array_equal(theirs[0].mu["matrix"], opt.state[0].mu["matrix"])
-    back = from_optax(theirs, shardopt.Optimizer(shardopt.adam(1e-2), params))
+    back = from_optax(
+        theirs, shardopt.Optimizer(shardopt.adam(1e-2), params, fuse=True)
+    )
     assert back.layout is not None
     jax.tree.map(np.testing.assert_array_equal, back.state, opt.state)
 
@@ -185,7 +188,7 @@ def test_restore_into_a_hand_placed_fused_optimizer(tmp_path):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     like = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        shardopt.Optimizer(shardopt.adamw(1e-2), make_shardable_params()),
+        shardopt.Optimizer(shardopt.adamw(1e-2), make_shardable_params(), fuse=True),
     )
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(STEPS, params=params, opt=saved)
@@ -195,3 +198,22 @@ def test_restore_into_a_hand_placed_fused_optimizer(tmp_path):
     for buffer in jax.tree.leaves(restored.stored_state):
         assert buffer.sharding == replicated
     jax.tree.map(np.testing.assert_array_equal, restored.state, saved.state)
+
+
+def test_an_equinox_model_keeps_its_tree_and_numbers():
+    model = eqx.nn.MLP(3, 2, 4, 2, key=jax.random.key(0))
+    x = jnp.ones((5, 3))
+    loss = lambda m: jnp.sum(jax.vmap(m)(x) ** 2)
+    results = []
+    for fuse in (True, False):
+        params = model
+        opt = shardopt.Optimizer(shardopt.adamw(1e-2), params, fuse=fuse)
+        for _ in range(3):
+            params, opt = opt.step(params, eqx.filter_grad(loss)(params))
+        results.append(params)
+    assert jax.tree.structure(results[0]) == jax.tree.structure(model)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        eqx.filter(results[0], eqx.is_array),
+        eqx.filter(results[1], eqx.is_array),
+    )
