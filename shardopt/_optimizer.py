@@ -203,9 +203,9 @@ class Optimizer(eqx.Module):
         (elementwise) transform once per buffer, add, and unpack the sums."""
         layout = self.layout
         layout.check(tp, "parameters")
-        # the barriers keep XLA from fusing the concatenation into every
-        # consumer and the update into every slice (a program quadratic in
-        # the leaf count): the buffers are materialised once on each side
+        # the barriers materialise the buffers once on each side of the
+        # update, so that XLA does not fuse the concatenation into each
+        # consumer, nor the update into each slice that unpacks it
         packed_params, packed_grads = jax.lax.optimization_barrier(
             (layout.pack(tp), layout.pack(grads))
         )
