@@ -50,6 +50,17 @@ class AbstractTransform(eqx.Module):
     """
 
     takes_extra_args: ClassVar[bool] = False
+    # True where each element's update and new state depend only on the same
+    # element of the gradients, state and parameters (and on scalars: the
+    # count, hyperparameters, schedules). No reduction over a leaf or the tree.
+    elementwise: ClassVar[bool] = False
+
+    def is_elementwise(self) -> bool:
+        """True if the update is elementwise, so that the
+        :class:`~shardopt.Optimizer` may run it on flat buffers (the leaves of
+        one dtype concatenated) with the same numbers as leaf by leaf. The
+        class's ``elementwise`` flag; combinators ask their children."""
+        return type(self).elementwise
 
     def expects_per_example_grads(self) -> bool:
         """True if ``update`` takes one gradient per example (a leading batch
@@ -235,6 +246,8 @@ class AbstractStatelessTransform(AbstractTransform):
 
 class Identity(AbstractStatelessTransform):
     """Pass the updates through unchanged."""
+
+    elementwise = True
 
     def apply(self, grads: Updates, params: Params | None) -> Updates:
         del params

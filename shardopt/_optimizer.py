@@ -22,6 +22,7 @@ from ._base import (
     transforms_in,
     update_with_extra_args,
 )
+from ._flat import FlatLayout, Packed, is_elementwise
 from ._hyperparams import hyperparameter_fields
 from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
@@ -32,6 +33,7 @@ from ._tree import (
     is_trainable,
     trainable,
 )
+from ._tree_math import add
 from .sharding._matrix import matrix_layout
 from .sharding._offload import state_on_device
 from .sharding._plan import ShardingPlan
@@ -66,20 +68,31 @@ class Optimizer(eqx.Module):
             return opt.step(model, grads)
 
         model, opt = train_step(model, opt, jnp.ones((4, 2)), jnp.zeros((4, 1)))
+
+    Flat buffers (opt-in, ``fuse=True``): when the transform is elementwise
+    (see :meth:`~shardopt.AbstractTransform.is_elementwise`: adam, adamw, sgd,
+    lion, rmsprop, ... without masks or clipping) and there is no plan, the
+    trainable leaves of each dtype are packed into one buffer at init and the
+    update runs once per buffer, with the numbers of the leaf-by-leaf update.
+    ``opt.state`` still shows the state per leaf. Off by default: on XLA CPU
+    it pays off only with many leaves (docs/benchmarks.md, "Flat buffers").
     """
 
     transform: AbstractTransform
-    state: State
+    stored_state: State  # as stored: Packed buffers where fused (see .state)
     count: Array
     plan: ShardingPlan | None = eqx.field(static=True, default=None)
+    layout: FlatLayout | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,
         transform: Any,
         params: Params,
         plan: ShardingPlan | None = None,
+        fuse: bool = False,
     ):
         transform = as_transform(transform, "the Optimizer's transform")
+        self.layout = None
         if plan is not None and not isinstance(plan, ShardingPlan):
             raise TypeError(
                 f"plan must be a ShardingPlan (shardopt.zero(...)), got "
@@ -88,19 +101,45 @@ class Optimizer(eqx.Module):
         if plan is not None:
             plan = plan.bind(params)
             self.plan = plan
-            self.transform, self.state, self.count = _init_sharded(
+            self.transform, self.stored_state, self.count = _init_sharded(
                 transform, params, plan
             )
             return
         self.plan = None
         self.transform = transform
         params = trainable(params)
+        if fuse and is_elementwise(transform) and jax.tree.leaves(params):
+            self.layout = FlatLayout.of(params)
+            params = self.layout.pack(params)
         if _is_abstract(params):
-            self.state = jax.eval_shape(transform.init, params)
+            self.stored_state = jax.eval_shape(transform.init, params)
             self.count = jax.ShapeDtypeStruct((), jnp.int32)
         else:
-            self.state = transform.init(params)
+            self.stored_state = transform.init(params)
             self.count = jnp.zeros([], jnp.int32)
+
+    @property
+    def state(self) -> State:
+        """The transform's state, leaf by leaf as the transform makes it on the
+        parameter tree (``opt.state[0].mu['w']``), whether or not it is stored
+        in flat buffers. To replace it, use :meth:`replace_state`."""
+        if self.layout is None:
+            return self.stored_state
+        return self.layout.view(self.stored_state)
+
+    def replace_state(self, state: State, count: Any = None) -> Optimizer:
+        """A copy with the state (per leaf, as :attr:`state` shows it) and,
+        if given, the count replaced; packed into flat buffers where fused."""
+        if self.layout is not None:
+            state = self.layout.pack_state(state, self.stored_state)
+        if count is None:
+            return eqx.tree_at(lambda o: o.stored_state, self, state)
+        return eqx.tree_at(
+            lambda o: (o.stored_state, o.count),
+            self,
+            (state, count),
+            is_leaf=lambda x: x is None,
+        )
 
     def step(
         self, params: Params, grads: PyTree, **extra_args: Any
@@ -135,11 +174,15 @@ class Optimizer(eqx.Module):
                 )
             tp = plan.constrain(tp, mirror)
         extra_args = _objective_on_whole(extra_args, params)
+        if self.layout is not None:
+            return self._fused_step(params, tp, grads, extra_args)
         # matrix transforms (muon, shampoo, soap) ask the plan where whole
         # matrices go while this step is traced (see _matrix_layout)
         layout = None if plan is None else matrix_layout(plan, tp)
         # an offloaded state comes to device memory here and goes back below
-        state = self.state if plan is None else state_on_device(plan, self.state, tp)
+        state = self.stored_state
+        if plan is not None:
+            state = state_on_device(plan, state, tp)
         with using_matrix_layout(layout):
             updates, state = update_with_extra_args(
                 self.transform, grads, state, tp, extra_args
@@ -155,7 +198,47 @@ class Optimizer(eqx.Module):
         new_params = apply_updates(params, updates)
         if plan is not None:
             new_params = _constrain_trainable(plan, new_params, param_shardings)
-        new_self = eqx.tree_at(lambda o: (o.state, o.count), self, (state, count))
+        new_self = eqx.tree_at(
+            lambda o: (o.stored_state, o.count), self, (state, count)
+        )
+        return new_params, new_self
+
+    def _fused_step(
+        self, params: Params, tp: Params, grads: PyTree, extra_args: dict
+    ) -> tuple[Params, Optimizer]:
+        """The step on flat buffers: pack the gradients and parameters, run the
+        (elementwise) transform once per buffer, add, and unpack the sums."""
+        layout = self.layout
+        layout.check(tp, "parameters")
+        # the barriers materialise the buffers once on each side of the
+        # update, so that XLA does not fuse the concatenation into each
+        # consumer, nor the update into each slice that unpacks it
+        packed_params, packed_grads = jax.lax.optimization_barrier(
+            (layout.pack(tp), layout.pack(grads))
+        )
+        updates, state = update_with_extra_args(
+            self.transform, packed_grads, self.stored_state, packed_params, extra_args
+        )
+        if _debug.active():
+            _debug.check_step(self.count, grads, layout.unpack(updates))
+        summed = Packed(
+            tuple(
+                add(p, u).astype(p.dtype)
+                for p, u in zip(packed_params.buffers, updates.buffers, strict=True)
+            )
+        )
+        new_tp = layout.unpack(jax.lax.optimization_barrier(summed))
+        new_params = jax.tree.map(
+            lambda new, old: old if new is None else new,
+            new_tp,
+            params,
+            is_leaf=lambda x: x is None,
+        )
+        new_self = eqx.tree_at(
+            lambda o: (o.stored_state, o.count),
+            self,
+            (state, safe_increment(self.count)),
+        )
         return new_params, new_self
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -213,7 +296,7 @@ class Optimizer(eqx.Module):
         )
         if self.plan is not None:
             state = self.plan.constrain(state, self.plan.state_shardings(state, tp))
-        return eqx.tree_at(lambda o: o.state, self, state)
+        return self.replace_state(state)
 
 
 def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:

@@ -163,7 +163,9 @@ class Optimizer(nnx.Pytree):
             params = place(params, plan, spec_tree(params, specs))
             nnx.replace_by_pure_dict(state, params)
             nnx.update(model, state)
-        self._set_core(_Core(tx, params, plan=plan), fresh=True)
+        # fuse=False: opt_state's Variables are the per-leaf state users read
+        # (opt_state[0].mu["w"]); flat buffers would hide it behind Packed nodes
+        self._set_core(_Core(tx, params, plan=plan, fuse=False), fresh=True)
         self.wrt = wrt
 
     # ------------------------------------------------------------ the core
@@ -179,7 +181,7 @@ class Optimizer(nnx.Pytree):
             )
             self.n_transform_leaves = len(leaves)
             self.hyperparameters = nnx.data([OptArray(x) for x in arrays])
-            self.opt_state = nnx.data(jax.tree.map(OptArray, core.state))
+            self.opt_state = nnx.data(jax.tree.map(OptArray, core.stored_state))
             self.step = OptState(core.count)
             self.plan = core.plan  # bound to the parameters' layout
             return
@@ -193,7 +195,7 @@ class Optimizer(nnx.Pytree):
         jax.tree.map(
             lambda v, x: v.set_value(x),
             self.opt_state,
-            core.state,
+            core.stored_state,
             is_leaf=_IS_VARIABLE,
         )
         self.step.set_value(core.count)

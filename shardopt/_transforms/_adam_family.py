@@ -73,6 +73,8 @@ class ScaleByAdamax(AbstractTransform):
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, §7.1.
     """
 
+    elementwise = True
+
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE, guards_division_with=())
@@ -126,6 +128,8 @@ class ScaleByAmsgrad(AbstractTransform):
 
     Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
     """
+
+    elementwise = True
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)
@@ -197,6 +201,8 @@ class ScaleByBelief(AbstractTransform):
     Optimizer: Adapting Stepsizes by the Belief in Observed Gradients",
     NeurIPS 2020.
     """
+
+    elementwise = True
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)

@@ -23,6 +23,9 @@ class Chain(AbstractTransform):
     transforms: tuple[AbstractTransform, ...]
     takes_extra_args = True
 
+    def is_elementwise(self) -> bool:
+        return all(t.is_elementwise() for t in self.transforms)
+
     def expects_per_example_grads(self) -> bool:
         # the first transform sees the gradients as given
         return bool(self.transforms) and self.transforms[0].expects_per_example_grads()

@@ -23,6 +23,8 @@ class AddDecayedWeights(AbstractCountingTransform):
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
     """
 
+    elementwise = True
+
     weight_decay: Hyperparameter = hyperparameter("weight_decay")
 
     def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:

@@ -42,6 +42,8 @@ class Trace(AbstractTransform):
     1964; Nesterov's variant after Sutskever et al., ICML 2013.
     """
 
+    elementwise = True
+
     decay: Hyperparameter = hyperparameter("decay", UNIT_INTERVAL)
     nesterov: bool = eqx.field(static=True)
     accumulator_dtype: jnp.dtype | None = eqx.field(static=True)
@@ -78,6 +80,8 @@ class ScaleByAdam(AbstractTransform):
     computes it); ``nu_dtype`` stores the second moment: ``nu`` is updated in
     float32 (``g`` and the stored ``nu`` widened) and rounded once when stored.
     """
+
+    elementwise = True
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)

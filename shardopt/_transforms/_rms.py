@@ -41,6 +41,8 @@ class ScaleByRms(AbstractTransform):
     Tieleman & Hinton, "Lecture 6.5 - RMSProp", COURSERA, 2012.
     """
 
+    elementwise = True
+
     decay: Hyperparameter = hyperparameter("decay", UNIT_INTERVAL)
     eps: Hyperparameter = hyperparameter(
         "eps", NONNEGATIVE, guards_division_with=("initial_scale",)

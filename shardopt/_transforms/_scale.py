@@ -20,6 +20,8 @@ from .._hyperparams import (
 class Scale(AbstractCountingTransform):
     """Multiply the updates by ``step_size`` (a float or a schedule of the count)."""
 
+    elementwise = True
+
     step_size: Hyperparameter = hyperparameter("step_size")
 
     def apply(self, grads: Updates, params: Params | None, count: Array) -> Updates:
@@ -30,6 +32,8 @@ class Scale(AbstractCountingTransform):
 
 class ScaleByLearningRate(AbstractCountingTransform):
     """Multiply the updates by ``-learning_rate`` (``+`` when ``flip_sign=False``)."""
+
+    elementwise = True
 
     learning_rate: Hyperparameter = hyperparameter("learning_rate", NONNEGATIVE)
     flip_sign: bool = eqx.field(static=True, default=True)

@@ -39,6 +39,8 @@ class ScaleBySign(AbstractStatelessTransform):
     Problems", ICML 2018.
     """
 
+    elementwise = True
+
     def apply(self, grads: Updates, params: Params | None) -> Updates:
         del params
         return jax.tree.map(jnp.sign, grads)
@@ -54,6 +56,8 @@ class ScaleByLion(AbstractTransform):
 
     Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023.
     """
+
+    elementwise = True
 
     b1: Hyperparameter = hyperparameter("b1", UNIT_INTERVAL)
     b2: Hyperparameter = hyperparameter("b2", UNIT_INTERVAL)

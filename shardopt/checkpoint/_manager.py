@@ -494,16 +494,11 @@ class CheckpointManager:
             transform = opt.transform
             if not keep_hyperparameters and targets["opt_hyperparameters"]:
                 transform = from_nested(got["opt_hyperparameters"], opt.transform)
-            out["opt"] = eqx.tree_at(
-                lambda o: (o.state, o.count, o.transform),
-                opt,
-                (
-                    from_nested(state.get("state", {}), opt.state),
-                    state["count"],
-                    transform,
-                ),
-                is_leaf=lambda x: x is None,
+            # the per-leaf state is what is saved; a fused optimizer packs it
+            restored = opt.replace_state(
+                from_nested(state.get("state", {}), opt.state), state["count"]
             )
+            out["opt"] = eqx.tree_at(lambda o: o.transform, restored, transform)
         if "rng" in extras_target:
             rng = got["extras"]["rng"]
             if meta["rng_impl"] is not None:

@@ -203,12 +203,7 @@ def _fill_optimizer(like: Optimizer, theirs: dict[str, Any], count: Any) -> Opti
         for path, source in plan.items()
     }
     state = from_nested(_nest(values), like.state) if values else like.state
-    filled = eqx.tree_at(
-        lambda o: (o.state, o.count),
-        like,
-        (state, _place(default, like.count)),
-        is_leaf=lambda x: x is None,
-    )
+    filled = like.replace_state(state, _place(default, like.count))
     # every count was placed from one array: give each leaf its own buffer
     return distinct_buffers(filled)
 

@@ -1,0 +1,143 @@
+"""Flat buffers against leaf-by-leaf storage: AdamW on 1M float32 parameters
+split into 10, 100, 1,000 and 10,000 leaves of the same total size.
+
+For each tree and storage it prints trace and compile time of one step and the
+median update time (repeats interleaved across all variants, so a loaded
+machine slows them alike), the bytes an update must move (read g, p, mu, nu;
+write p, mu, nu) and that rate as a fraction of a large array copy's measured
+bandwidth in the same run.
+
+    PYTHONPATH=. python scripts/bench_flat.py [--leaves 10 100 1000 10000]
+        [--total 1000000] [--repeats 30] [--per-leaf-max 1000]
+
+Leaf-by-leaf compiles take minutes at 10,000 leaves, so storage per leaf is
+measured up to ``--per-leaf-max`` leaves only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import shardopt
+
+BYTES_PER_PARAM = 7 * 4  # AdamW, float32: reads g, p, mu, nu; writes p, mu, nu
+
+
+def tree(n_leaves: int, total: int) -> dict[str, jax.Array]:
+    size = total // n_leaves
+    keys = jax.random.split(jax.random.key(0), n_leaves)
+    return {
+        f"w{i:05d}": jax.random.normal(k, (size,), jnp.float32) * 0.01
+        for i, k in enumerate(keys)
+    }
+
+
+class Variant:
+    """One (tree, storage) pair: its compiled step and its live arrays."""
+
+    def __init__(self, n_leaves: int, total: int, fuse: bool):
+        self.name = f"{n_leaves} leaves, {'flat' if fuse else 'per leaf'}"
+        self.n_leaves, self.fuse = n_leaves, fuse
+        self.params = tree(n_leaves, total)
+        self.grads = jax.tree.map(lambda x: x * 0.5 + 1e-3, self.params)
+        opt = shardopt.Optimizer(shardopt.adamw(1e-3), self.params, fuse=fuse)
+        self.opt_arrays, static = eqx.partition(opt, eqx.is_array)
+
+        def step(params, opt_arrays, grads):
+            params, new = eqx.combine(opt_arrays, static).step(params, grads)
+            return params, eqx.filter(new, eqx.is_array)
+
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        start = time.perf_counter()
+        lowered = jitted.lower(self.params, self.opt_arrays, self.grads)
+        self.trace_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        self.times: list[float] = []
+        self.run()  # warm
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.params, self.opt_arrays = self.compiled(
+            self.params, self.opt_arrays, self.grads
+        )
+        jax.block_until_ready((self.params, self.opt_arrays))
+        return time.perf_counter() - start
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes per second of a jitted copy (read + write) of a large array."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * jnp.float32(1.0000001))
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--leaves", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--total", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--per-leaf-max", type=int, default=1000)
+    args = parser.parse_args()
+
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, "
+        f"{args.total:,} float32 parameters, AdamW"
+    )
+    variants = []
+    for n in args.leaves:
+        for fuse in (True, False):
+            if not fuse and n > args.per_leaf_max:
+                continue
+            variants.append(Variant(n, args.total, fuse))
+            v = variants[-1]
+            print(
+                f"compiled {v.name}: trace {v.trace_s:.2f} s, compile {v.compile_s:.2f} s",
+                flush=True,
+            )
+    bandwidth = copy_bandwidth(64 * 2**20, args.repeats)
+    for _ in range(args.repeats):  # interleaved: every variant once per round
+        for v in variants:
+            v.times.append(v.run())
+
+    base = {
+        fuse: statistics.median(v.times)
+        for v in variants
+        for fuse in (v.fuse,)
+        if v.n_leaves == min(args.leaves)
+    }
+    moved = BYTES_PER_PARAM * args.total
+    print(f"\ncopy bandwidth: {bandwidth / 1e9:.2f} GB/s (64 MiB array, median)")
+    print(
+        "| leaves | storage | trace + compile (s) | update (ms) | vs 10 leaves "
+        "| bytes moved / copy bandwidth |"
+    )
+    print("|---:|---|---:|---:|---:|---:|")
+    for v in variants:
+        t = statistics.median(v.times)
+        storage = "flat" if v.fuse else "per leaf"
+        print(
+            f"| {v.n_leaves:,} | {storage} | {v.trace_s + v.compile_s:.2f} "
+            f"| {1e3 * t:.2f} | {t / base[v.fuse]:.2f}x "
+            f"| {moved / t / bandwidth:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
