@@ -108,7 +108,8 @@ def main() -> None:
             variants.append(Variant(n, args.total, fuse))
             v = variants[-1]
             print(
-                f"compiled {v.name}: trace {v.trace_s:.2f} s, compile {v.compile_s:.2f} s",
+                f"compiled {v.name}: trace {v.trace_s:.2f} s, "
+                f"compile {v.compile_s:.2f} s",
                 flush=True,
             )
     bandwidth = copy_bandwidth(64 * 2**20, args.repeats)
