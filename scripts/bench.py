@@ -37,7 +37,6 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse
 import math
-import platform
 import statistics
 import time
 import traceback
@@ -47,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_common import Transformer, nbytes_per_device, optax_shardings
+from bench_common import Transformer, cpu_model, nbytes_per_device, optax_shardings
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -395,15 +394,7 @@ def print_table(rows):
 
 
 def machine():
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     return (
         f"{model}, {os.cpu_count()} cores, {jax.device_count()} "
         f"{jax.devices()[0].platform} devices; jax {jax.__version__}, equinox "

@@ -22,7 +22,6 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import argparse
-import platform
 import shutil
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from bench_common import cpu_model
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -116,15 +116,7 @@ def timed(fn, cpu_key=None):
 
 def machine() -> str:
     """The CPU model, core count and load, for the record."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{model}, {os.cpu_count()} cores, load average {load}"
 

@@ -6,6 +6,8 @@ from the repository root with ``PYTHONPATH=.``; each puts ``scripts/`` on the
 path by being run from it).
 """
 
+import platform
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -139,3 +141,16 @@ def compile_and_count(fn, *args):
     counts = sh.count_collectives(text)
     parts = [f"{KINDS.get(k, k)} {n}" for k, n in sorted(counts.items()) if n]
     return compiled, ", ".join(parts) or "none"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model
