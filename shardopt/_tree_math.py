@@ -8,9 +8,9 @@ dtypes are promoted explicitly, so the code runs under strict dtype promotion.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
@@ -112,10 +112,13 @@ def canonical_dtype(
     return canonical
 
 
-def storage_dtype(name: str) -> Callable[[Any], jnp.dtype | None]:
-    """A field converter for transforms built directly from their class: the
-    argument ``name`` checked as :func:`canonical_dtype` checks it."""
-    return lambda dtype: canonical_dtype(dtype, name)
+def storage_dtype_field(name: str) -> Any:
+    """A static Module field holding a storage dtype (default: the
+    parameters'), for transforms built directly from their class: the
+    argument ``name`` is checked as :func:`canonical_dtype` checks it."""
+    return eqx.field(
+        static=True, default=None, converter=lambda d: canonical_dtype(d, name)
+    )
 
 
 def widen(x: Array) -> Array:

@@ -25,7 +25,7 @@ from .._tree_math import (
     cast_like,
     promote,
     squared_norm,
-    storage_dtype,
+    storage_dtype_field,
     vdot,
     widened,
     zeros_like,
@@ -110,9 +110,7 @@ class Momo(AbstractTransform):
     lower_bound: Hyperparameter = hyperparameter("lower_bound")
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     adapt_lower_bound: bool = eqx.field(static=True)
-    mu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("mu_dtype")
-    )
+    mu_dtype: jnp.dtype | None = storage_dtype_field("mu_dtype")
     takes_extra_args = True
 
     def init(self, params: Params) -> MomoState:
@@ -205,12 +203,8 @@ class MomoAdam(AbstractTransform):
     lower_bound: Hyperparameter = hyperparameter("lower_bound")
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     adapt_lower_bound: bool = eqx.field(static=True)
-    mu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("mu_dtype")
-    )
-    nu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("nu_dtype")
-    )
+    mu_dtype: jnp.dtype | None = storage_dtype_field("mu_dtype")
+    nu_dtype: jnp.dtype | None = storage_dtype_field("nu_dtype")
     takes_extra_args = True
 
     def init(self, params: Params) -> MomoAdamState:

@@ -30,7 +30,7 @@ from .._tree_math import (
     cast_like,
     full_like,
     promote,
-    storage_dtype,
+    storage_dtype_field,
     vdot,
     widened,
     zeros_like,
@@ -242,15 +242,9 @@ class DAdaptAdamW(AbstractTransform):
     eps: Hyperparameter = hyperparameter("eps", NONNEGATIVE)
     estim_lr0: Hyperparameter = hyperparameter("estim_lr0", POSITIVE)
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
-    mu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("mu_dtype")
-    )
-    nu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("nu_dtype")
-    )
-    accumulator_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("accumulator_dtype")
-    )
+    mu_dtype: jnp.dtype | None = storage_dtype_field("mu_dtype")
+    nu_dtype: jnp.dtype | None = storage_dtype_field("nu_dtype")
+    accumulator_dtype: jnp.dtype | None = storage_dtype_field("accumulator_dtype")
 
     def init(self, params: Params) -> DAdaptAdamWState:
         low, high = scalar_dtypes(params)
@@ -382,15 +376,9 @@ class Prodigy(AbstractTransform):
     estim_lr_coef: Hyperparameter = hyperparameter("estim_lr_coef", NONNEGATIVE)
     weight_decay: Hyperparameter = hyperparameter("weight_decay", NONNEGATIVE)
     safeguard_warmup: bool = eqx.field(static=True)
-    mu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("mu_dtype")
-    )
-    nu_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("nu_dtype")
-    )
-    accumulator_dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=storage_dtype("accumulator_dtype")
-    )
+    mu_dtype: jnp.dtype | None = storage_dtype_field("mu_dtype")
+    nu_dtype: jnp.dtype | None = storage_dtype_field("nu_dtype")
+    accumulator_dtype: jnp.dtype | None = storage_dtype_field("accumulator_dtype")
 
     def init(self, params: Params) -> ProdigyState:
         low, high = scalar_dtypes(params)
