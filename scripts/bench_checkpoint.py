@@ -6,11 +6,13 @@ until ``save`` returns (async blocking), restore onto the same mesh, and restore
 onto another mesh ((4, 2) with a model axis). Plain Orbax is
 ``ocp.StandardCheckpointer`` saving the same array leaves. Every restore of
 shardopt verifies the checksums by default; the same restores with
-``verify=False`` give the cost of that check. The variants run interleaved in
-every round. Prints the machine, a markdown table of medians and ratios, and
-the cost of verification as the median of per-round ratios (default over
-``verify=False``, same round) in wall time and in this process's CPU time (all
-threads), which moves less than wall time on a loaded machine.
+``verify=False`` give the cost of that check. Each round saves every variant,
+then runs all the restores interleaved, in an order rotated each round. Prints
+the machine, a markdown table of medians and ratios, and paired ratios (the
+median of per-round ratios: verified over plain Orbax, verified over
+``verify=False``, ``verify=False`` over plain Orbax) in wall time and in this
+process's CPU time (all threads), which moves less than wall time on a loaded
+machine.
 
     PYTHONPATH=. python scripts/bench_checkpoint.py [--repeats 5] [--dir /tmp/...]
 """
@@ -156,12 +158,12 @@ def run(args, root):
     }
 
     keys = ("save", "block", "restore", "reshard", "restore_nv", "reshard_nv")
-    results = {k: [] for k in keys}
-    results = {
-        name: {k: [] for k in results} for name in ("orbax", "shardopt", "no_checksums")
-    }
+    variants = ("orbax", "shardopt", "no_checksums")
+    results = {name: {k: [] for k in keys} for name in variants}
     for rep in range(args.repeats + 1):  # the first round warms up
-        # plain Orbax
+        # every variant saves first, then all restores run interleaved, in an
+        # order rotated each round (a fixed order favoured or penalised some)
+        restores = []
         path = os.path.join(root, f"plain{rep}")
         ckptr = ocp.StandardCheckpointer()
         start = time.perf_counter()
@@ -169,49 +171,45 @@ def run(args, root):
         block = time.perf_counter() - start
         ckptr.wait_until_finished()
         save = time.perf_counter() - start
-        restore, _ = timed(lambda: ckptr.restore(path, plain_same))  # noqa: B023
-        reshard, _ = timed(lambda: ckptr.restore(path, plain_other))  # noqa: B023
-        ckptr.close()
-        shutil.rmtree(path)
-        if rep:
-            times = (save, block, restore, reshard, restore, reshard)
-            for k, v in zip(results["orbax"], times, strict=True):
-                results["orbax"][k].append(v)
+        saved = {"orbax": (save, block)}
+        for key, like in (("restore", plain_same), ("reshard", plain_other)):
+            restores.append(
+                ("orbax", key, lambda c=ckptr, p=path, t=like: c.restore(p, t))
+            )
+        managers = []
         for variant, checksums in (("shardopt", True), ("no_checksums", False)):
-            path = os.path.join(root, f"{variant}{rep}")
-            manager = CheckpointManager(path, checksums=checksums)
+            manager = CheckpointManager(
+                os.path.join(root, f"{variant}{rep}"), checksums=checksums
+            )
+            managers.append(manager)
             start = time.perf_counter()
             manager.save(1, params=params, opt=opt)
             block = time.perf_counter() - start
             manager.wait()
-            save = time.perf_counter() - start
-            key = f"{variant}{rep}" if rep else None
-            restore, got = timed(
-                lambda m=manager: m.restore(
-                    params=like_same["params"], opt=like_same["opt"]
-                ),
-                key and f"restore/{key}",
-            )
-            reshard, _ = timed(
-                lambda m=manager: m.restore(
-                    params=like_other["params"], opt=like_other["opt"]
-                ),
-                key and f"reshard/{key}",
-            )
-            restore_nv, _ = timed(
-                lambda m=manager: m.restore(
-                    params=like_same["params"], opt=like_same["opt"], verify=False
-                ),
-                key and f"restore_nv/{key}",
-            )
-            reshard_nv, _ = timed(
-                lambda m=manager: m.restore(
-                    params=like_other["params"], opt=like_other["opt"], verify=False
-                ),
-                key and f"reshard_nv/{key}",
-            )
-            if rep == 0:  # on the host: a jitted comparison would all-reduce over
-                # 8 devices, which XLA:CPU aborts after 40 s on a starved machine
+            saved[variant] = (time.perf_counter() - start, block)
+            for key, like, verify in (
+                ("restore", like_same, None),
+                ("reshard", like_other, None),
+                ("restore_nv", like_same, False),
+                ("reshard_nv", like_other, False),
+            ):
+                restores.append(
+                    (
+                        variant,
+                        key,
+                        lambda m=manager, t=like, v=verify: m.restore(
+                            params=t["params"], opt=t["opt"], verify=v
+                        ),
+                    )
+                )
+        shift = rep % len(restores)
+        for variant, key, fn in restores[shift:] + restores[:shift]:
+            wall, got = timed(fn, f"{key}/{variant}{rep}" if rep else None)
+            if rep:
+                results[variant][key].append(wall)
+            if rep == 0 and variant == "shardopt" and key == "restore":
+                # on the host: a jitted comparison would all-reduce over 8
+                # devices, which XLA:CPU aborts after 40 s on a starved machine
                 got_leaves = jax.tree.leaves(eqx.filter(got.opt, eqx.is_array))
                 assert all(
                     np.array_equal(np.asarray(a), np.asarray(b))
@@ -219,12 +217,19 @@ def run(args, root):
                         got_leaves, jax.tree.leaves(arrays["opt"]), strict=True
                     )
                 )
+        if rep:  # plain Orbax has no verify switch: the same numbers twice
+            for key, nv in (("restore", "restore_nv"), ("reshard", "reshard_nv")):
+                results["orbax"][nv].append(results["orbax"][key][-1])
+                CPU_TIMES[f"{nv}/orbax{rep}"] = CPU_TIMES[f"{key}/orbax{rep}"]
+            for variant, (save, block) in saved.items():
+                results[variant]["save"].append(save)
+                results[variant]["block"].append(block)
+        ckptr.close()
+        for manager in managers:
             manager.close()
-            shutil.rmtree(path)
-            if rep:
-                times = (save, block, restore, reshard, restore_nv, reshard_nv)
-                for k, v in zip(results[variant], times, strict=True):
-                    results[variant][k].append(v)
+        shutil.rmtree(path)
+        for variant in ("shardopt", "no_checksums"):
+            shutil.rmtree(os.path.join(root, f"{variant}{rep}"))
 
     labels = {
         "save": "save (until written)",
@@ -252,23 +257,32 @@ def run(args, root):
             f"| {label} | {a:.3f} | {b:.3f} | {b / a:.2f}x | {c:.3f} | {c / a:.2f}x |"
         )
     print(
-        "\nverification on restore: default / verify=False, median of the "
-        "per-round ratios (wall time; CPU time of this process):"
+        "\npaired, median of the per-round ratios (wall time; CPU time of this "
+        "process, all threads):"
     )
-    for key, nv in (("restore", "restore_nv"), ("reshard", "reshard_nv")):
+
+    def paired(a_key, a_variant, b_key, b_variant):
         walls = [
             a / b
             for a, b in zip(
-                results["shardopt"][key], results["shardopt"][nv], strict=True
+                results[a_variant][a_key], results[b_variant][b_key], strict=True
             )
         ]
         cpus = [
-            CPU_TIMES[f"{key}/shardopt{rep}"][0] / CPU_TIMES[f"{nv}/shardopt{rep}"][0]
+            CPU_TIMES[f"{a_key}/{a_variant}{rep}"][0]
+            / CPU_TIMES[f"{b_key}/{b_variant}{rep}"][0]
             for rep in range(1, args.repeats + 1)
         ]
+        return (
+            f"{statistics.median(walls):.3f}x wall, {statistics.median(cpus):.3f}x CPU"
+        )
+
+    for key, nv in (("restore", "restore_nv"), ("reshard", "reshard_nv")):
         print(
-            f"- {labels[key]}: {statistics.median(walls):.3f}x wall, "
-            f"{statistics.median(cpus):.3f}x CPU"
+            f"- {labels[key]}: verified / plain Orbax "
+            f"{paired(key, 'shardopt', key, 'orbax')}; verified / verify=False "
+            f"{paired(key, 'shardopt', nv, 'shardopt')}; verify=False / plain "
+            f"Orbax {paired(nv, 'shardopt', key, 'orbax')}"
         )
 
 

@@ -9,6 +9,7 @@ shards; readers add the parts up.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import glob
 import json
@@ -82,14 +83,17 @@ class ChecksumRestore(checkpoint_args.CheckpointArgs):
 class ReadHookArrayHandler(ArrayHandler):
     """Orbax's ArrayHandler that hands each array to ``on_read`` once it is read.
 
-    With a hook set, the arrays of a restore are read in ``GROUPS`` groups of
-    about equal bytes, one group after the other (the arrays of a group
-    concurrently, as Orbax reads them); each array goes to the hook as soon
-    as its group is read, so the checksums of one group are computed in a
-    thread pool while the next group is read. Fewer, larger groups: each
-    Orbax read call costs ~1 ms of Python (measured: one call per array made
-    a restore of 58 arrays ~25% more expensive in CPU time). Without a hook
-    it is Orbax's handler unchanged.
+    With a hook set, the arrays are split into ``GROUPS`` runs of consecutive
+    arrays of about equal bytes, and the groups are read by concurrent Orbax
+    read calls on Orbax's event loop: one read of everything, in flight at
+    once as in a single call, and each group's arrays go to the hook as soon
+    as that group is read, so their checksums are computed in a thread pool
+    while the other groups are still being read. Why a few groups and not
+    one call per array: each call collects TensorStore's metrics twice
+    (~0.15 ms each, measured), ~17 ms of the event loop's time for 58 arrays;
+    and not the groups one after another (the earlier design): each waited
+    for the one before, which cost Orbax's concurrency. Without a hook it is
+    Orbax's handler unchanged.
     """
 
     GROUPS = 4
@@ -97,22 +101,30 @@ class ReadHookArrayHandler(ArrayHandler):
     def __init__(self) -> None:
         super().__init__(array_metadata_store=array_metadata_store.Store())
         self.on_read: Callable[[str, jax.Array], None] | None = None
-        # reads a group without the array metadata file (it only wraps typed
-        # PRNG keys; ours are saved as raw key data)
-        self._group_reader = ArrayHandler()
+        # reads one array without the array metadata file (it only wraps
+        # typed PRNG keys; ours are saved as raw key data)
+        self._array_reader = ArrayHandler()
 
     async def deserialize(self, infos, args=None):
         hook = self.on_read
         if hook is None or args is None:
             return await super().deserialize(infos, args)
-        arrays = []
-        for group in _groups([_nbytes(a) for a in args], self.GROUPS):
-            got = await self._group_reader.deserialize(
+
+        async def read(group: list[int]) -> list:
+            got = await self._array_reader.deserialize(
                 [infos[i] for i in group], [args[i] for i in group]
             )
             for i, array in zip(group, got, strict=True):
                 hook(keypath_name(infos[i]), array)
-            arrays += got
+            return got
+
+        groups = _groups([_nbytes(a) for a in args], self.GROUPS)
+        arrays: list = [None] * len(infos)
+        for group, got in zip(
+            groups, await _all_or_none(map(read, groups)), strict=True
+        ):
+            for i, array in zip(group, got, strict=True):
+                arrays[i] = array
         return arrays
 
 
@@ -135,6 +147,20 @@ def _groups(sizes: list[int], count: int) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
+
+
+async def _all_or_none(coroutines) -> list:
+    """The results of ``coroutines`` run concurrently; on the first failure the
+    others are cancelled (nothing keeps reading) and that failure is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+    if failed:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise failed[0].exception()
+    return [task.result() for task in tasks]
 
 
 def keypath_name(info: Any) -> str:

@@ -372,8 +372,9 @@ class CheckpointManager:
                 or schedule) and restore only its state and count.
             verify: compare every array read with the checksums recorded at
                 save (each process the slices it read, in a thread pool, each
-                group of arrays while the next is read; the cost is measured by
-                ``scripts/bench_checkpoint.py``). ``None``
+                group of arrays as soon as it is read while the others still
+                are; the cost is measured by ``scripts/bench_checkpoint.py``
+                and stated in ``docs/reliability.md``). ``None``
                 (default): whenever the step has checksums; ``True``: also
                 raise if it has none; ``False``: skip the check.
             fallback: if the step is corrupted, restore the newest intact

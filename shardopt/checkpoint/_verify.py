@@ -3,13 +3,14 @@
 Every restore does it by default. Each process checks only the shards it holds
 (one local copy of each distinct slice: Orbax reads a slice once and places it
 on every local device that holds it), so the cost is one CRC-32 pass over the
-bytes this process read. The pass overlaps the read: Orbax's reader hands the
-arrays over a group at a time as they are read (``ReadHookArrayHandler``), and
-their checks run in a thread pool (zlib releases the GIL) while the next group
-is read. A recorded slice that no single local shard contains (the array was
-saved in another layout) is put together from the local shards and checked,
-when the process has all of it; on several processes such a slice is left to
-the processes whose shards contain it.
+bytes this process read. The pass overlaps the read: Orbax's reader reads the
+arrays in a few groups at once and hands each group over as soon as it is read
+(``ReadHookArrayHandler``); its checks run in a thread pool (zlib releases the
+GIL) while the other groups are still being read. A recorded slice that no
+single local shard contains (the array was saved in another layout) is put
+together from the local shards and checked, when the process has all of it; on
+several processes such a slice is left to the processes whose shards contain
+it.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
@@ -49,6 +50,10 @@ def _shard_bounds(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:
     return out
 
 
+def _key(bounds: list[list[int]]) -> tuple:
+    return tuple(tuple(pair) for pair in bounds)
+
+
 def _check_leaf(leaf, records: list[dict]) -> str | None:
     """``None`` if every recorded slice this process can see matches, else why."""
     records = [r for r in records if recorded(r)[1] is not None]
@@ -56,10 +61,10 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
         return None
     # one local copy of each distinct slice: every slice this process read is
     # checked (a replica too), its other local copies come from the same read
-    distinct: dict[str, tuple] = {}
+    distinct: dict[tuple, tuple] = {}
     for s in leaf.addressable_shards:
         bounds = _shard_bounds(s.index, leaf.shape)
-        distinct.setdefault(str(bounds), (bounds, s))
+        distinct.setdefault(_key(bounds), (bounds, s))
     shards = list(distinct.values())
     host: dict[int, np.ndarray] = {}
 
@@ -68,20 +73,25 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
             host[i] = np.asarray(shards[i][1].data)
         return host[i]
 
+    exact = {_key(bounds): i for i, (bounds, _) in enumerate(shards)}
     for record in records:
         region = record["index"]
-        for i, (bounds, _) in enumerate(shards):
-            if _contains(bounds, region):
-                local = tuple(
-                    slice(a - o, b - o)
-                    for (a, b), (o, _) in zip(region, bounds, strict=True)
-                )
-                part = data(i)[local]
-                break
-        else:  # saved in another layout: put the region together from shards
-            part = _assemble(region, shards, data, leaf.dtype)
-            if part is None:
-                continue  # partly on another process, which checks its part
+        i = exact.get(_key(region))
+        if i is not None:  # a slice saved as it was read: no slicing
+            part = data(i)
+        else:
+            for i, (bounds, _) in enumerate(shards):
+                if _contains(bounds, region):
+                    local = tuple(
+                        slice(a - o, b - o)
+                        for (a, b), (o, _) in zip(region, bounds, strict=True)
+                    )
+                    part = data(i)[local]
+                    break
+            else:  # saved in another layout: put the region together
+                part = _assemble(region, shards, data, leaf.dtype)
+                if part is None:
+                    continue  # partly on another process, which checks its part
         algorithm, value = recorded(record)
         if digest(part, algorithm) != value:
             where = ",".join(f"{a}:{b}" for a, b in region)
