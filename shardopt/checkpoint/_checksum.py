@@ -19,15 +19,21 @@ import numpy as np
 
 Record = dict  # {"leaf": int, "index": [[start, stop], ...], "crc32": int | None}
 ALGORITHMS = {"crc32": zlib.crc32, "adler32": zlib.adler32}
+INITIAL = {"crc32": 0, "adler32": 1}  # the value of no bytes
 
 
-def digest(x: np.ndarray, algorithm: str = "crc32") -> int:
+def digest(x: np.ndarray, algorithm: str = "crc32", running: int | None = None) -> int:
     """The checksum of an array's bytes in row-major order.
 
-    Viewed as raw bytes first: the buffer protocol has no format for
-    ml_dtypes' bfloat16 and float8 types.
+    ``running``: the checksum of the bytes before ``x``, to chain pieces (the
+    checksum of ``a`` then ``b`` is ``digest(b, running=digest(a))``). Viewed
+    as raw bytes first: the buffer protocol has no format for ml_dtypes'
+    bfloat16 and float8 types.
     """
-    return ALGORITHMS[algorithm](np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    start = INITIAL[algorithm] if running is None else running
+    return ALGORITHMS[algorithm](
+        np.ascontiguousarray(x).reshape(-1).view(np.uint8), start
+    )
 
 
 def recorded(record: Record) -> tuple[str, int | None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import glob
+import itertools
 import os
 import re
 import threading
@@ -88,40 +89,84 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
                     )
                     part = data(i)[local]
                     break
-            else:  # saved in another layout: put the region together
-                part = _assemble(region, shards, data, leaf.dtype)
-                if part is None:
-                    continue  # partly on another process, which checks its part
+            else:  # saved in another layout: from the shards, band by band
+                part = None
         algorithm, value = recorded(record)
-        if digest(part, algorithm) != value:
+        if part is not None:
+            got = digest(part, algorithm)
+        else:
+            got = _region_digest(region, shards, data, leaf.dtype, algorithm)
+            if got is None:
+                continue  # partly on another process, which checks its part
+        if got != value:
             where = ",".join(f"{a}:{b}" for a, b in region)
             return f"checksum mismatch in [{where}]"
     return None
 
 
-def _assemble(region, shards, data, dtype) -> np.ndarray | None:
-    """The ``region`` of the array from the local shards; None if not all local.
+BAND_BYTES = 1 << 20  # small enough to be in cache still when checksummed
 
-    The first copies of the shards tile the array, so the region is covered
-    exactly when the overlaps add up to its size.
+
+def _region_digest(region, shards, data, dtype, algorithm) -> int | None:
+    """The checksum of ``region`` from the local shards; None if not all local.
+
+    The first copies of the shards tile the array, so the region is local
+    exactly when the overlaps add up to its size. Its row-major bytes are
+    its bands along the first axis one after another, so the checksum is
+    chained over bands cut at the shards' boundaries and at ~``BAND_BYTES``:
+    a band inside one shard is checksummed where it lies (no copy when that
+    shard spans the region's other axes), a band split over shards is put
+    together first, a small copy still in cache when the checksum reads it.
     """
-    shape = tuple(b - a for a, b in region)
-    out = np.empty(shape, dtype)
-    covered = 0
+    if not region:  # a scalar: its one shard holds it
+        return digest(_band(region, shards, data, dtype), algorithm)
+    sizes = [b - a for a, b in region]
+    covered, cuts = 0, {region[0][0], region[0][1]}
+    for bounds, _ in shards:
+        overlap = [
+            min(b, d) - max(a, c) for (a, b), (c, d) in zip(region, bounds, strict=True)
+        ]
+        if all(n > 0 for n in overlap):
+            covered += int(np.prod(overlap))
+            cuts.update(c for c in bounds[0] if region[0][0] < c < region[0][1])
+    if covered != int(np.prod(sizes)):
+        return None
+    row_bytes = int(np.prod(sizes[1:])) * np.dtype(dtype).itemsize
+    rows = max(1, BAND_BYTES // max(row_bytes, 1))
+    value = None
+    cuts = sorted(cuts)
+    for start, stop in itertools.pairwise(cuts):
+        for a in range(start, stop, rows):
+            band = [[a, min(a + rows, stop)], *region[1:]]
+            value = digest(_band(band, shards, data, dtype), algorithm, value)
+    return value
+
+
+def _band(band, shards, data, dtype) -> np.ndarray:
+    """The ``band`` of the array: a view into the shard holding all of it, or
+    put together from the shards that hold its parts."""
     for i, (bounds, _) in enumerate(shards):
-        lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds, strict=True)]
-        hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds, strict=True)]
-        if any(h <= low for low, h in zip(lo, hi, strict=True)) and shape:
+        if _contains(bounds, band):
+            return data(i)[
+                tuple(
+                    slice(a - o, b - o)
+                    for (a, b), (o, _) in zip(band, bounds, strict=True)
+                )
+            ]
+    out = np.empty(tuple(b - a for a, b in band), dtype)
+    for i, (bounds, _) in enumerate(shards):
+        lo = [max(a, c) for (a, _), (c, _) in zip(band, bounds, strict=True)]
+        hi = [min(b, d) for (_, b), (_, d) in zip(band, bounds, strict=True)]
+        if any(h <= low for low, h in zip(lo, hi, strict=True)):
             continue
         dst = tuple(
-            slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, region, strict=True)
+            slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, band, strict=True)
         )
         src = tuple(
             slice(low - c, h - c) for low, h, (c, _) in zip(lo, hi, bounds, strict=True)
         )
         out[dst] = data(i)[src]
-        covered += int(np.prod([h - low for low, h in zip(lo, hi, strict=True)]))
-    return out if covered == out.size else None
+    return out
 
 
 def data_files(directory: str, step: int, item: str) -> list[str]:
