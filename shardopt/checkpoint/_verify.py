@@ -7,10 +7,10 @@ bytes this process read. The pass overlaps the read: Orbax's reader reads the
 arrays in a few groups at once and hands each group over as soon as it is read
 (``ReadHookArrayHandler``); its checks run in a thread pool (zlib releases the
 GIL) while the other groups are still being read. A recorded slice that no
-single local shard contains (the array was saved in another layout) is put
-together from the local shards and checked, when the process has all of it; on
-several processes such a slice is left to the processes whose shards contain
-it.
+single local shard contains (the array was saved in another layout) is
+checked from the local shards band by band, the checksum chained, when the
+process has all of it; on several processes such a slice is left to the
+processes whose shards contain it.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
