@@ -210,12 +210,7 @@ class Optimizer(eqx.Module):
         (elementwise) transform once per buffer, add, and unpack the sums."""
         layout = self.layout
         layout.check(tp, "parameters")
-        # the barriers materialise the buffers once on each side of the
-        # update, so that XLA does not fuse the concatenation into each
-        # consumer, nor the update into each slice that unpacks it
-        packed_params, packed_grads = jax.lax.optimization_barrier(
-            (layout.pack(tp), layout.pack(grads))
-        )
+        packed_params, packed_grads = layout.pack(tp), layout.pack(grads)
         updates, state = update_with_extra_args(
             self.transform, packed_grads, self.stored_state, packed_params, extra_args
         )
@@ -227,7 +222,7 @@ class Optimizer(eqx.Module):
                 for p, u in zip(packed_params.buffers, updates.buffers, strict=True)
             )
         )
-        new_tp = layout.unpack(jax.lax.optimization_barrier(summed))
+        new_tp = layout.unpack(summed)
         new_params = jax.tree.map(
             lambda new, old: old if new is None else new,
             new_tp,

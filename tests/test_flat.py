@@ -5,6 +5,7 @@ writes the state (checkpoints, optax interop, groups, memory) sees it per leaf."
 from __future__ import annotations
 
 import functools
+import re
 
 import equinox as eqx
 import jax
@@ -15,7 +16,7 @@ import pytest
 from conformance import ROWS, gradient, make_shardable_params
 
 import shardopt
-from shardopt._flat import FlatLayout, Packed
+from shardopt._flat import CONCAT_WIDTH, FlatLayout, Packed
 from shardopt.checkpoint import CheckpointManager, from_optax, to_optax
 from shardopt.sharding import measure_memory
 
@@ -85,6 +86,40 @@ def test_the_fused_update_does_not_grow_with_the_leaves():
     per_leaf = _primitive_counts(30, False)
     assert per_leaf["mul"] > many["mul"]
     assert many["concatenate"] == 2  # the gradients and the parameters
+
+
+def _distinct_kernels(n_leaves: int) -> int:
+    """Distinct fused computations XLA compiled for a fused AdamW step (each
+    distinct one is compiled on its own; identical ones once), names and
+    metadata aside."""
+    params = _tree(n_leaves)
+    opt = shardopt.Optimizer(shardopt.adamw(1e-2), params, fuse=True)
+    step = jax.jit(lambda p, o, g: o.step(p, g))
+    text = step.lower(params, opt, params).compile().as_text()
+    bodies = re.findall(r"^%fused_computation[.\d]* (.*?)^}", text, re.M | re.S)
+
+    def strip(body: str) -> str:
+        body = re.sub(r", metadata=\{[^}]*\}", "", body)
+        body = re.sub(r"%[\w.-]+", "%", body)
+        return re.sub(r"[\w.]+: ", ": ", body)  # the parameters' names
+
+    return len({strip(body) for body in bodies})
+
+
+def test_unpacking_compiles_one_kernel_per_leaf_size():
+    # the slices that give the parameters back start at offsets XLA sees only
+    # at run time, so 80 leaves of one shape cost what 20 do to compile
+    assert _distinct_kernels(80) == _distinct_kernels(20) < 20
+
+
+def test_packing_concatenates_in_bounded_chunks():
+    params = _tree(200)
+    opt = shardopt.Optimizer(shardopt.sgd(1e-2), params, fuse=True)
+    jaxpr = jax.make_jaxpr(lambda p, o, g: o.step(p, g))(params, opt, params)
+    widths = [len(e.invars) for e in jaxpr.eqns if e.primitive.name == "concatenate"]
+    assert max(widths) == CONCAT_WIDTH == 64
+    # parameters and gradients: 200 = 3 * 64 + 8 leaves, then those 4 parts
+    assert sorted(widths) == [4, 4, 8, 8] + [64] * 6
 
 
 def test_layout_groups_by_dtype_and_round_trips():
