@@ -277,6 +277,37 @@ def _leaf_sharding(buffer: jax.ShapeDtypeStruct) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def flat_layout(transform: Any, params: PyTree, fuse: bool | None) -> FlatLayout | None:
+    """The layout an optimizer of ``transform`` over the trainable ``params``
+    packs them in, or ``None`` to keep its state leaf by leaf.
+
+    ``fuse=True`` packs wherever the transform is elementwise; ``False``
+    never; ``None`` (the default) where it is elementwise and the tree has at
+    least :data:`AUTO_MIN_LEAVES` leaves, where flat buffers were measured
+    faster per step and to compile (docs/benchmarks.md, "Flat buffers").
+    """
+    check_fuse(fuse)
+    if fuse is False or not is_elementwise(transform):
+        return None
+    n_leaves = len(jax.tree.leaves(params))
+    if n_leaves == 0 or (fuse is None and n_leaves < AUTO_MIN_LEAVES):
+        return None
+    return FlatLayout.of(params)
+
+
+def check_fuse(fuse: Any) -> None:
+    """Raise unless ``fuse`` is ``True``, ``False`` or ``None``."""
+    if fuse is not None and not isinstance(fuse, bool):
+        raise TypeError(
+            f"fuse must be True, False or None (automatic), got {fuse!r} of type "
+            f"{type(fuse).__name__}"
+        )
+
+
+# the leaf count from which fuse=None packs (see flat_layout)
+AUTO_MIN_LEAVES = 256
+
+
 def is_elementwise(transform: Any) -> bool:
     """True if ``transform`` declares its update elementwise (see
     :meth:`~shardopt.AbstractTransform.is_elementwise`)."""

@@ -16,7 +16,7 @@ import pytest
 from conformance import ROWS, gradient, make_shardable_params
 
 import shardopt
-from shardopt._flat import CONCAT_WIDTH, FlatLayout, Packed
+from shardopt._flat import AUTO_MIN_LEAVES, CONCAT_WIDTH, FlatLayout, Packed
 from shardopt.checkpoint import CheckpointManager, from_optax, to_optax
 from shardopt.sharding import measure_memory
 
@@ -178,6 +178,26 @@ def test_non_elementwise_and_the_default_stay_per_leaf():
     masked = shardopt.adamw(1e-2, mask=lambda p: jax.tree.map(lambda x: True, p))
     assert shardopt.Optimizer(masked, params, fuse=True).layout is None
     assert shardopt.Optimizer(shardopt.adam(1e-2), params).layout is None  # default
+
+
+def test_the_default_packs_many_leaves_and_keeps_few_apart():
+    many, few = _tree(AUTO_MIN_LEAVES), _tree(AUTO_MIN_LEAVES - 1)
+    abstract = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree
+    )
+    adam = shardopt.adam(1e-2)
+    assert shardopt.Optimizer(adam, abstract(many)).layout.n_leaves == 256
+    assert shardopt.Optimizer(adam, abstract(few)).layout is None
+    assert shardopt.Optimizer(adam, abstract(few), fuse=True).layout is not None
+    assert shardopt.Optimizer(adam, abstract(many), fuse=False).layout is None
+    clipped = shardopt.chain(shardopt.clip_by_global_norm(1.0), adam)
+    assert shardopt.Optimizer(clipped, abstract(many)).layout is None
+
+
+@pytest.mark.parametrize("fuse", ["yes", 1, np.bool_(True)])
+def test_fuse_other_than_a_bool_or_none_is_refused(fuse):
+    with pytest.raises(TypeError, match=r"fuse must be True, False or None"):
+        shardopt.Optimizer(shardopt.adam(1e-2), {"w": jnp.ones(2)}, fuse=fuse)
 
 
 def test_abstract_init_is_fused_too():
