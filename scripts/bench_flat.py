@@ -9,9 +9,12 @@ bandwidth in the same run.
 
     PYTHONPATH=. python scripts/bench_flat.py [--leaves 10 100 1000 10000]
         [--total 1000000] [--repeats 30] [--per-leaf-max 1000]
+        [--max-leaves 10000]
 
 Leaf-by-leaf compiles take minutes at 10,000 leaves, so storage per leaf is
-measured up to ``--per-leaf-max`` leaves only.
+measured up to ``--per-leaf-max`` leaves only; ``--max-leaves`` drops larger
+trees altogether. The machine's load average is printed before and after:
+the numbers of a loaded machine are slower and noisier.
 """
 
 from __future__ import annotations
@@ -87,19 +90,26 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaves", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--total", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--per-leaf-max", type=int, default=1000)
+    parser.add_argument("--max-leaves", type=int, default=10000)
     args = parser.parse_args()
+    args.leaves = [n for n in args.leaves if n <= args.max_leaves]
 
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__}, {jax.devices()[0].platform}, "
         f"{args.total:,} float32 parameters, AdamW"
     )
+    print(f"# load average at start: {load()}", flush=True)
     variants = []
     for n in args.leaves:
         for fuse in (True, False):
@@ -117,6 +127,7 @@ def main() -> None:
         for v in variants:
             v.times.append(v.run())
 
+    print(f"# load average at end: {load()}")
     base = {
         fuse: statistics.median(v.times)
         for v in variants

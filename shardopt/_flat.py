@@ -125,31 +125,33 @@ class FlatLayout:
             parts = [leaves[i] for i in members]
             if any(isinstance(x, jax.ShapeDtypeStruct) for x in parts):
                 buffers.append(jax.ShapeDtypeStruct((size,), parts[0].dtype))
-            elif len(parts) == 1:
-                buffers.append(jnp.ravel(parts[0]))
             else:
-                buffers.append(jnp.concatenate([jnp.ravel(x) for x in parts]))
+                buffers.append(_concatenate([_ravel(x) for x in parts]))
         return Packed(tuple(buffers))
 
     def unpack(self, packed: Packed) -> PyTree:
-        """The tree again: each leaf a slice of its group's buffer, reshaped."""
+        """The tree again: each leaf a slice of its group's buffer, reshaped.
+
+        The slices start at offsets XLA sees only at run time
+        (:func:`runtime_ints`), so all leaves of one size share one kernel.
+        """
         leaves: list[Any] = [None] * self.n_leaves
         for members, buffer in zip(self.groups, packed.buffers, strict=True):
-            for i in members:
-                shape = self.shapes[i]
-                if isinstance(buffer, jax.ShapeDtypeStruct):
+            if isinstance(buffer, jax.ShapeDtypeStruct):
+                for i in members:
                     leaves[i] = jax.ShapeDtypeStruct(
-                        shape, buffer.dtype, sharding=_leaf_sharding(buffer)
+                        self.shapes[i], buffer.dtype, sharding=_leaf_sharding(buffer)
                     )
-                    continue
-                start = self.offsets[i]
-                size = int(np.prod(shape, dtype=np.int64))
-                if len(members) == 1:
-                    leaves[i] = jnp.reshape(buffer, shape)
-                else:
-                    piece = jax.lax.slice_in_dim(buffer, start, start + size)
-                    leaves[i] = jnp.reshape(piece, shape)
-                if _concrete(buffer):  # a live array: placed as a leaf of it is
+                continue
+            if len(members) == 1:
+                (i,) = members
+                leaves[i] = jax.lax.reshape(buffer, self.shapes[i])
+            else:
+                starts = [self.offsets[i] for i in members]
+                for i, piece in zip(members, _slices(buffer, starts), strict=True):
+                    leaves[i] = jax.lax.reshape(piece, self.shapes[i])
+            if _concrete(buffer):  # a live array: placed as a leaf of it is
+                for i in members:
                     leaves[i] = _placed(leaves[i], buffer.sharding)
         return self.treedef.unflatten(leaves)
 
@@ -176,6 +178,65 @@ class FlatLayout:
             for node, part in zip(nodes, parts, strict=True)
         ]
         return outer.unflatten(packed)
+
+
+def _slices(buffer: jax.Array, starts: list[int]) -> list[jax.Array]:
+    """``buffer`` cut at ``starts`` (ascending, the first 0) into pieces."""
+    ends = [*starts[1:], buffer.shape[0]]
+    if buffer.shape[0] >= 2**31:  # beyond int32 offsets: static slices
+        pairs = zip(starts, ends, strict=True)
+        return [jax.lax.slice_in_dim(buffer, a, b) for a, b in pairs]
+    if _concrete(buffer):  # eager: one cached dispatch per piece size
+        offsets = [jnp.int32(a) for a in starts]
+    else:
+        offsets = runtime_ints(starts, buffer)
+    return [
+        jax.lax.dynamic_slice_in_dim(buffer, at, b - a, allow_negative_indices=False)
+        for at, a, b in zip(offsets, starts, ends, strict=True)
+    ]
+
+
+def runtime_ints(values: list[int], anchor: jax.Array) -> tuple[jax.Array, ...]:
+    """The int32 scalars ``values``, which XLA cannot see until run time.
+
+    XLA:CPU compiles every distinct kernel (fusion) on its own, tens of
+    milliseconds each, and identical kernels once. Slices at constant offsets
+    are distinct kernels, one per leaf; slices at offsets given as operands
+    are one kernel per slice size. The offsets come out of a conditional
+    whose two branches hold the same constants, on a predicate read from
+    ``anchor`` at run time: XLA folds neither branch into the slices, and
+    whichever runs, the offsets are right.
+    """
+    constants = lambda: tuple(np.int32(v) for v in values)
+    predicate = jnp.any(jnp.ravel(anchor)[:1] != 0)
+    return jax.lax.cond(predicate, constants, constants)
+
+
+def _ravel(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if x.ndim == 1 else jax.lax.reshape(x, (x.size,))
+
+
+def _concatenate(parts: list[jax.Array]) -> jax.Array:
+    """``jnp.concatenate(parts)``, as concatenations of at most
+    :data:`CONCAT_WIDTH` operands each, level by level.
+
+    XLA:CPU emits one concatenation as one kernel whose code (and compile
+    time) grows faster than its operand count; chunks of equal operand
+    shapes are identical kernels, compiled once. The barrier keeps XLA from
+    merging the levels back into one concatenation.
+    """
+    while len(parts) > CONCAT_WIDTH:
+        chunks = [
+            parts[i : i + CONCAT_WIDTH] for i in range(0, len(parts), CONCAT_WIDTH)
+        ]
+        parts = [c[0] if len(c) == 1 else jax.lax.concatenate(c, 0) for c in chunks]
+        if not _concrete(parts[0]):
+            parts = list(jax.lax.optimization_barrier(parts))
+    return parts[0] if len(parts) == 1 else jax.lax.concatenate(parts, 0)
+
+
+CONCAT_WIDTH = 64
 
 
 def _placed_like(packed: Packed, like: Packed) -> Packed:
@@ -214,6 +275,37 @@ def _leaf_sharding(buffer: jax.ShapeDtypeStruct) -> Any:
     if mesh is None:
         return None
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def flat_layout(transform: Any, params: PyTree, fuse: bool | None) -> FlatLayout | None:
+    """The layout an optimizer of ``transform`` over the trainable ``params``
+    packs them in, or ``None`` to keep its state leaf by leaf.
+
+    ``fuse=True`` packs wherever the transform is elementwise; ``False``
+    never; ``None`` (the default) where it is elementwise and the tree has at
+    least :data:`AUTO_MIN_LEAVES` leaves, where flat buffers were measured
+    faster per step and to compile (docs/benchmarks.md, "Flat buffers").
+    """
+    check_fuse(fuse)
+    if fuse is False or not is_elementwise(transform):
+        return None
+    n_leaves = len(jax.tree.leaves(params))
+    if n_leaves == 0 or (fuse is None and n_leaves < AUTO_MIN_LEAVES):
+        return None
+    return FlatLayout.of(params)
+
+
+def check_fuse(fuse: Any) -> None:
+    """Raise unless ``fuse`` is ``True``, ``False`` or ``None``."""
+    if fuse is not None and not isinstance(fuse, bool):
+        raise TypeError(
+            f"fuse must be True, False or None (automatic), got {fuse!r} of type "
+            f"{type(fuse).__name__}"
+        )
+
+
+# the leaf count from which fuse=None packs (see flat_layout)
+AUTO_MIN_LEAVES = 256
 
 
 def is_elementwise(transform: Any) -> bool:

@@ -22,7 +22,7 @@ from ._base import (
     transforms_in,
     update_with_extra_args,
 )
-from ._flat import FlatLayout, Packed, is_elementwise
+from ._flat import FlatLayout, Packed, check_fuse, flat_layout
 from ._hyperparams import hyperparameter_fields
 from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
@@ -69,13 +69,15 @@ class Optimizer(eqx.Module):
 
         model, opt = train_step(model, opt, jnp.ones((4, 2)), jnp.zeros((4, 1)))
 
-    Flat buffers (opt-in, ``fuse=True``): when the transform is elementwise
-    (see :meth:`~shardopt.AbstractTransform.is_elementwise`: adam, adamw, sgd,
+    Flat buffers (``fuse``): when the transform is elementwise (see
+    :meth:`~shardopt.AbstractTransform.is_elementwise`: adam, adamw, sgd,
     lion, rmsprop, ... without masks or clipping) and there is no plan, the
-    trainable leaves of each dtype are packed into one buffer at init and the
-    update runs once per buffer, with the numbers of the leaf-by-leaf update.
-    ``opt.state`` still shows the state per leaf. Off by default: on XLA CPU
-    it pays off only with many leaves (docs/benchmarks.md, "Flat buffers").
+    trainable leaves of each dtype can be packed into one buffer at init, so
+    that the update runs once per buffer. ``fuse=None`` (the default) packs
+    trees of at least ``shardopt._flat.AUTO_MIN_LEAVES`` (256) leaves, where
+    it was measured faster (docs/benchmarks.md, "Flat buffers"); ``True``
+    packs whenever the transform is elementwise, ``False`` never.
+    ``opt.state`` shows the state per leaf either way.
     """
 
     transform: AbstractTransform
@@ -89,9 +91,10 @@ class Optimizer(eqx.Module):
         transform: Any,
         params: Params,
         plan: ShardingPlan | None = None,
-        fuse: bool = False,
+        fuse: bool | None = None,
     ):
         transform = as_transform(transform, "the Optimizer's transform")
+        check_fuse(fuse)
         self.layout = None
         if plan is not None and not isinstance(plan, ShardingPlan):
             raise TypeError(
@@ -108,8 +111,8 @@ class Optimizer(eqx.Module):
         self.plan = None
         self.transform = transform
         params = trainable(params)
-        if fuse and is_elementwise(transform) and jax.tree.leaves(params):
-            self.layout = FlatLayout.of(params)
+        self.layout = flat_layout(transform, params, fuse)
+        if self.layout is not None:
             params = self.layout.pack(params)
         if _is_abstract(params):
             self.stored_state = jax.eval_shape(transform.init, params)
@@ -210,12 +213,7 @@ class Optimizer(eqx.Module):
         (elementwise) transform once per buffer, add, and unpack the sums."""
         layout = self.layout
         layout.check(tp, "parameters")
-        # the barriers materialise the buffers once on each side of the
-        # update, so that XLA does not fuse the concatenation into each
-        # consumer, nor the update into each slice that unpacks it
-        packed_params, packed_grads = jax.lax.optimization_barrier(
-            (layout.pack(tp), layout.pack(grads))
-        )
+        packed_params, packed_grads = layout.pack(tp), layout.pack(grads)
         updates, state = update_with_extra_args(
             self.transform, packed_grads, self.stored_state, packed_params, extra_args
         )
@@ -227,7 +225,7 @@ class Optimizer(eqx.Module):
                 for p, u in zip(packed_params.buffers, updates.buffers, strict=True)
             )
         )
-        new_tp = layout.unpack(jax.lax.optimization_barrier(summed))
+        new_tp = layout.unpack(summed)
         new_params = jax.tree.map(
             lambda new, old: old if new is None else new,
             new_tp,

@@ -5,6 +5,8 @@ writes the state (checkpoints, optax interop, groups, memory) sees it per leaf."
 from __future__ import annotations
 
 import functools
+import operator
+import re
 
 import equinox as eqx
 import jax
@@ -15,7 +17,7 @@ import pytest
 from conformance import ROWS, gradient, make_shardable_params
 
 import shardopt
-from shardopt._flat import FlatLayout, Packed
+from shardopt._flat import AUTO_MIN_LEAVES, CONCAT_WIDTH, FlatLayout, Packed
 from shardopt.checkpoint import CheckpointManager, from_optax, to_optax
 from shardopt.sharding import measure_memory
 
@@ -87,18 +89,56 @@ def test_the_fused_update_does_not_grow_with_the_leaves():
     assert many["concatenate"] == 2  # the gradients and the parameters
 
 
+def _distinct_kernels(n_leaves: int) -> int:
+    """Distinct fused computations XLA compiled for a fused AdamW step (each
+    distinct one is compiled on its own; identical ones once), names and
+    metadata aside."""
+    params = _tree(n_leaves)
+    opt = shardopt.Optimizer(shardopt.adamw(1e-2), params, fuse=True)
+    step = jax.jit(lambda p, o, g: o.step(p, g))
+    text = step.lower(params, opt, params).compile().as_text()
+    bodies = re.findall(r"^%fused_computation[.\d]* (.*?)^}", text, re.M | re.S)
+
+    def strip(body: str) -> str:
+        body = re.sub(r", metadata=\{[^}]*\}", "", body)
+        body = re.sub(r"%[\w.-]+", "%", body)
+        return re.sub(r"[\w.]+: ", ": ", body)  # the parameters' names
+
+    return len({strip(body) for body in bodies})
+
+
+def test_unpacking_compiles_one_kernel_per_leaf_size():
+    # the slices that give the parameters back start at offsets XLA sees only
+    # at run time, so 80 leaves of one shape cost what 20 do to compile
+    assert _distinct_kernels(80) == _distinct_kernels(20) < 20
+
+
+def test_packing_concatenates_in_bounded_chunks():
+    params = _tree(200)
+    opt = shardopt.Optimizer(shardopt.sgd(1e-2), params, fuse=True)
+    jaxpr = jax.make_jaxpr(lambda p, o, g: o.step(p, g))(params, opt, params)
+    widths = [len(e.invars) for e in jaxpr.eqns if e.primitive.name == "concatenate"]
+    assert max(widths) == CONCAT_WIDTH == 64
+    # parameters and gradients: 200 = 3 * 64 + 8 leaves, then those 4 parts
+    assert sorted(widths) == [4, 4, 8, 8] + [64] * 6
+
+
 def test_layout_groups_by_dtype_and_round_trips():
     tree = {
         "a": jnp.arange(6.0).reshape(2, 3),
         "b": jnp.ones((2,), jnp.bfloat16),
         "c": jnp.float32(7.0),
         "d": None,
+        "e": jnp.zeros((0, 3)),
+        "f": jnp.full((2,), 3.0),
     }
     layout = FlatLayout.of(tree)
     packed = layout.pack(tree)
-    assert [b.shape for b in packed.buffers] == [(7,), (2,)]
+    assert [b.shape for b in packed.buffers] == [(9,), (2,)]
     assert [b.dtype for b in packed.buffers] == [jnp.float32, jnp.bfloat16]
     jax.tree.map(np.testing.assert_array_equal, layout.unpack(packed), tree)
+    traced = jax.jit(lambda t: layout.unpack(layout.pack(t)))(tree)  # runtime offsets
+    jax.tree.map(np.testing.assert_array_equal, traced, tree)
     assert layout == FlatLayout.of(tree) and hash(layout) == hash(FlatLayout.of(tree))
 
 
@@ -143,6 +183,26 @@ def test_non_elementwise_and_the_default_stay_per_leaf():
     masked = shardopt.adamw(1e-2, mask=lambda p: jax.tree.map(lambda x: True, p))
     assert shardopt.Optimizer(masked, params, fuse=True).layout is None
     assert shardopt.Optimizer(shardopt.adam(1e-2), params).layout is None  # default
+
+
+def test_the_default_packs_many_leaves_and_keeps_few_apart():
+    many, few = _tree(AUTO_MIN_LEAVES), _tree(AUTO_MIN_LEAVES - 1)
+    abstract = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree
+    )
+    adam = shardopt.adam(1e-2)
+    assert shardopt.Optimizer(adam, abstract(many)).layout.n_leaves == 256
+    assert shardopt.Optimizer(adam, abstract(few)).layout is None
+    assert shardopt.Optimizer(adam, abstract(few), fuse=True).layout is not None
+    assert shardopt.Optimizer(adam, abstract(many), fuse=False).layout is None
+    clipped = shardopt.chain(shardopt.clip_by_global_norm(1.0), adam)
+    assert shardopt.Optimizer(clipped, abstract(many)).layout is None
+
+
+@pytest.mark.parametrize("fuse", ["yes", 1, np.bool_(True)])
+def test_fuse_other_than_a_bool_or_none_is_refused(fuse):
+    with pytest.raises(TypeError, match=r"fuse must be True, False or None"):
+        shardopt.Optimizer(shardopt.adam(1e-2), {"w": jnp.ones(2)}, fuse=fuse)
 
 
 def test_abstract_init_is_fused_too():
@@ -217,3 +277,19 @@ def test_an_equinox_model_keeps_its_tree_and_numbers():
         eqx.filter(results[0], eqx.is_array),
         eqx.filter(results[1], eqx.is_array),
     )
+
+
+def test_a_vmapped_fused_step_equals_the_steps_one_by_one():
+    # under vmap the offsets' conditional becomes a select of equal branches
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3), "c": jnp.ones(2)}
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), params)
+    opt = shardopt.Optimizer(shardopt.adam(1e-2), params, fuse=True)
+    opts = jax.vmap(lambda p: shardopt.Optimizer(shardopt.adam(1e-2), p, fuse=True))(
+        stacked
+    )
+    new, _ = jax.vmap(lambda p, o: o.step(p, p))(stacked, opts)
+    for k in range(2):
+        take = operator.itemgetter(k)
+        one = jax.tree.map(take, stacked)
+        want, _ = opt.step(one, one)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(take, new), want)
