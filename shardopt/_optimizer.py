@@ -28,6 +28,7 @@ from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
 from ._transforms._matrix_layout import using_matrix_layout
 from ._tree import (
+    TreeStructures,
     check_grads_match,
     check_per_example_grads_match,
     is_trainable,
@@ -37,6 +38,8 @@ from ._tree_math import add
 from .sharding._matrix import matrix_layout
 from .sharding._offload import state_on_device
 from .sharding._plan import ShardingPlan
+
+_KEEP = object()  # Optimizer._replaced: this part is kept
 
 
 def _is_abstract(tree: PyTree) -> bool:
@@ -78,11 +81,20 @@ class Optimizer(eqx.Module):
     it was measured faster (docs/benchmarks.md, "Flat buffers"); ``True``
     packs whenever the transform is elementwise, ``False`` never.
     ``opt.state`` shows the state per leaf either way.
+
+    The transform's leaves are stored flat (``transform_leaves``, their tree
+    structure in a static field): flattening the optimizer, which a jitted
+    step does on every call, then makes no Python call per Equinox Module of
+    the transform (a few microseconds each). ``transform`` is rebuilt on
+    access, so ``eqx.tree_at`` reaches its leaves (``lambda o:
+    o.transform.transforms[0].b1``) but not the whole transform: use
+    :meth:`replace_transform`.
     """
 
-    transform: AbstractTransform
+    transform_leaves: tuple  # jax.tree.leaves(transform)
     stored_state: State  # as stored: Packed buffers where fused (see .state)
     count: Array
+    transform_structure: TreeStructures = eqx.field(static=True)
     plan: ShardingPlan | None = eqx.field(static=True, default=None)
     layout: FlatLayout | None = eqx.field(static=True, default=None)
 
@@ -104,22 +116,30 @@ class Optimizer(eqx.Module):
         if plan is not None:
             plan = plan.bind(params)
             self.plan = plan
-            self.transform, self.stored_state, self.count = _init_sharded(
+            transform, self.stored_state, self.count = _init_sharded(
                 transform, params, plan
             )
+            self.transform_leaves, self.transform_structure = _flat(transform)
             return
         self.plan = None
-        self.transform = transform
         params = trainable(params)
         self.layout = flat_layout(transform, params, fuse)
         if self.layout is not None:
             params = self.layout.pack(params)
+        self.transform_leaves, self.transform_structure = _flat(transform)
         if _is_abstract(params):
             self.stored_state = jax.eval_shape(transform.init, params)
             self.count = jax.ShapeDtypeStruct((), jnp.int32)
         else:
             self.stored_state = transform.init(params)
             self.count = jnp.zeros([], jnp.int32)
+
+    @property
+    def transform(self) -> AbstractTransform:
+        """The transform, with its hyperparameters (to replace it, use
+        :meth:`replace_transform` or :meth:`with_hyperparameters`)."""
+        (treedef,) = self.transform_structure.treedefs
+        return jax.tree_util.tree_unflatten(treedef, self.transform_leaves)
 
     @property
     def state(self) -> State:
@@ -136,13 +156,30 @@ class Optimizer(eqx.Module):
         if self.layout is not None:
             state = self.layout.pack_state(state, self.stored_state)
         if count is None:
-            return eqx.tree_at(lambda o: o.stored_state, self, state)
-        return eqx.tree_at(
-            lambda o: (o.stored_state, o.count),
-            self,
-            (state, count),
-            is_leaf=lambda x: x is None,
-        )
+            return self._replaced(state=state)
+        return self._replaced(state=state, count=count)
+
+    def replace_transform(self, transform: AbstractTransform) -> Optimizer:
+        """A copy with the transform replaced (the state and count kept): a
+        transform of the same structure, e.g. a checkpoint's hyperparameters."""
+        return self._replaced(transform=transform)
+
+    def _replaced(
+        self, transform: Any = _KEEP, state: Any = _KEEP, count: Any = _KEEP
+    ) -> Optimizer:
+        """A copy with the parts given replaced (built as ``eqx.tree_at``
+        builds one: no ``__init__``)."""
+        new = object.__new__(Optimizer)
+        fields = dict(self.__dict__)
+        if transform is not _KEEP:
+            fields["transform_leaves"], fields["transform_structure"] = _flat(transform)
+        if state is not _KEEP:
+            fields["stored_state"] = state
+        if count is not _KEEP:
+            fields["count"] = count
+        for name, value in fields.items():
+            object.__setattr__(new, name, value)
+        return new
 
     def step(
         self, params: Params, grads: PyTree, **extra_args: Any
@@ -201,10 +238,7 @@ class Optimizer(eqx.Module):
         new_params = apply_updates(params, updates)
         if plan is not None:
             new_params = _constrain_trainable(plan, new_params, param_shardings)
-        new_self = eqx.tree_at(
-            lambda o: (o.stored_state, o.count), self, (state, count)
-        )
-        return new_params, new_self
+        return new_params, self._replaced(state=state, count=count)
 
     def _fused_step(
         self, params: Params, tp: Params, grads: PyTree, extra_args: dict
@@ -232,11 +266,7 @@ class Optimizer(eqx.Module):
             params,
             is_leaf=lambda x: x is None,
         )
-        new_self = eqx.tree_at(
-            lambda o: (o.stored_state, o.count),
-            self,
-            (state, safe_increment(self.count)),
-        )
+        new_self = self._replaced(state=state, count=safe_increment(self.count))
         return new_params, new_self
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -264,7 +294,7 @@ class Optimizer(eqx.Module):
                 )
         if self.plan is not None:
             transform = self.plan.replicate(transform)
-        return eqx.tree_at(lambda o: o.transform, self, transform)
+        return self._replaced(transform=transform)
 
     def reset_group(self, name: str, params: Params) -> Optimizer:
         """A copy with parameter group ``name``'s state made afresh (zero moments
@@ -275,10 +305,12 @@ class Optimizer(eqx.Module):
         plan's layout.
         """
         groups = find_groups(self.transform)
+        state = self.state  # once: its nodes are found by identity (a view
+        # of flat buffers is built anew on each access)
         nodes = [
             node
             for node in jax.tree.leaves(
-                self.state, is_leaf=lambda x: isinstance(x, GroupsState)
+                state, is_leaf=lambda x: isinstance(x, GroupsState)
             )
             if isinstance(node, GroupsState)
         ]
@@ -290,11 +322,17 @@ class Optimizer(eqx.Module):
         fresh = groups.reset(nodes[0], name, tp)
         is_node = lambda x: x is nodes[0]
         state = jax.tree.map(
-            lambda x: fresh if is_node(x) else x, self.state, is_leaf=is_node
+            lambda x: fresh if is_node(x) else x, state, is_leaf=is_node
         )
         if self.plan is not None:
             state = self.plan.constrain(state, self.plan.state_shardings(state, tp))
         return self.replace_state(state)
+
+
+def _flat(transform: AbstractTransform) -> tuple[tuple, TreeStructures]:
+    """The Optimizer's ``transform_leaves`` and ``transform_structure``."""
+    leaves, treedef = jax.tree_util.tree_flatten(transform)
+    return tuple(leaves), TreeStructures(treedef)
 
 
 def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:

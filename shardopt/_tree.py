@@ -179,3 +179,52 @@ class StaticTree:
 
     def __repr__(self) -> str:
         return f"StaticTree({self.tree!r})"
+
+
+class TreeStructures:
+    """Tree structures (``PyTreeDef`` s) kept in a static Module field beside
+    the leaves they arrange, stored flat (see :class:`shardopt.Optimizer`).
+
+    It hashes and compares as its treedefs. A copy shares them (a treedef is
+    immutable), and pickling rebuilds them from skeleton trees: a treedef's
+    node data may hold markers compared by identity (Equinox's ``MISSING``),
+    which a pickled treedef would not keep equal.
+    """
+
+    __slots__ = ("_hash", "treedefs")
+
+    def __init__(self, *treedefs: Any) -> None:
+        self.treedefs = treedefs
+        self._hash = hash(treedefs)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TreeStructures) and (
+            self is other or self.treedefs == other.treedefs
+        )
+
+    def __copy__(self) -> TreeStructures:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> TreeStructures:
+        return self
+
+    def __reduce__(self) -> tuple:
+        skeletons = tuple(
+            jax.tree_util.tree_unflatten(td, [_Slot()] * td.num_leaves)
+            for td in self.treedefs
+        )
+        return _structures_of, (skeletons,)
+
+    def __repr__(self) -> str:
+        return f"TreeStructures{self.treedefs}"
+
+
+class _Slot:
+    """The leaf of a skeleton tree (pickles by value, unlike ``object()``)."""
+
+
+def _structures_of(skeletons: tuple) -> TreeStructures:
+    return TreeStructures(*(jax.tree_util.tree_structure(s) for s in skeletons))

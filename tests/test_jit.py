@@ -202,3 +202,43 @@ def test_plain_jax_jit_with_donation_gives_the_same_numbers():
 def _dict_step(params, opt, x):
     loss = lambda p: jnp.sum((x @ p["w"] + p["b"]) ** 2)
     return opt.step(params, jax.grad(loss)(params))
+
+
+def _modules(treedef) -> int:
+    """How many Equinox Modules a tree structure holds (each a Python call
+    when the tree is flattened or rebuilt)."""
+    data = treedef.node_data()
+    own = data is not None and isinstance(data[0], type)
+    own = own and issubclass(data[0], eqx.Module)
+    return int(own) + sum(_modules(child) for child in treedef.children())
+
+
+def test_the_transform_is_stored_flat_and_rebuilt_on_access():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    opt = shardopt.Optimizer(shardopt.adamw(1e-2, weight_decay=1e-3), params)
+    # the Optimizer, ScaleByAdamState and two CountStates; the transform's
+    # Chain and its three Modules are a flat tuple of their six leaves
+    assert _modules(jax.tree.structure(opt)) == 4
+    assert len(opt.transform_leaves) == 6  # b1, b2, eps, eps_root, decay, lr
+    assert _modules(jax.tree.structure(opt.transform)) == 4
+    # the leaves in the order of the former fields: transform, state, count
+    assert jax.tree.leaves(opt) == (
+        jax.tree.leaves(opt.transform) + jax.tree.leaves(opt.stored_state) + [opt.count]
+    )
+    # eqx.tree_at reaches a leaf of the transform; replace_transform the whole
+    b1 = eqx.tree_at(lambda o: o.transform.transforms[0].b1, opt, jnp.float32(0.5))
+    assert float(b1.transform.transforms[0].b1) == 0.5
+    other = opt.replace_transform(shardopt.adamw(1e-3, weight_decay=1e-3))
+    assert float(other.transform.transforms[-1].learning_rate) == pytest.approx(1e-3)
+    assert other.stored_state is opt.stored_state and other.count is opt.count
+
+
+def test_a_copied_or_pickled_optimizer_keeps_its_structure():
+    import copy
+    import pickle
+
+    params = {"w": jnp.ones((3, 2))}
+    opt = shardopt.Optimizer(shardopt.sgd(1e-2, momentum=0.9), params)
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert jax.tree.structure(copied) == jax.tree.structure(opt)
+        assert jax.tree.structure(copied.transform) == jax.tree.structure(opt.transform)

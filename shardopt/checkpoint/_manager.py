@@ -10,7 +10,6 @@ import os
 import shutil
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -499,7 +498,7 @@ class CheckpointManager:
             restored = opt.replace_state(
                 from_nested(state.get("state", {}), opt.state), state["count"]
             )
-            out["opt"] = eqx.tree_at(lambda o: o.transform, restored, transform)
+            out["opt"] = restored.replace_transform(transform)
         if "rng" in extras_target:
             rng = got["extras"]["rng"]
             if meta["rng_impl"] is not None:
