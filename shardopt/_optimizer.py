@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import textwrap
 from typing import Any
 
 import equinox as eqx
@@ -133,6 +134,21 @@ class Optimizer(eqx.Module):
         else:
             self.stored_state = transform.init(params)
             self.count = jnp.zeros([], jnp.int32)
+
+    def __repr__(self) -> str:
+        """The optimizer as a user thinks of it: transform, state (per leaf),
+        count, and the plan where there is one, not the storage fields."""
+        fields = {"transform": self.transform, "state": self.state}
+        fields["count"] = self.count
+        if self.plan is not None:
+            fields["plan"] = self.plan
+        if self.layout is not None:
+            fields["flat_buffers"] = len(self.layout.sizes)
+        lines = [
+            f"  {name}={textwrap.indent(eqx.tree_pformat(value), '  ').lstrip()},"
+            for name, value in fields.items()
+        ]
+        return "Optimizer(\n" + "\n".join(lines) + "\n)"
 
     @property
     def transform(self) -> AbstractTransform:

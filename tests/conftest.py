@@ -1,6 +1,9 @@
 """Test set-up: 8 CPU devices and strict dtype promotion, before JAX starts."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -14,6 +17,33 @@ jax.config.update("jax_platforms", "cpu")
 # run; only LLVM's code generation is left unoptimised. The suite's programs
 # are tiny, so compiling, not running, is what it spends its time on.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _share_compilations() -> None:
+    """One compilation per distinct program for the whole run.
+
+    JAX's in-memory caches are keyed on the jitted function, and the tests
+    build many functions that compile to the same program (each test its own
+    ``jax.jit`` of the same step, both pytest-xdist workers the same set-up).
+    JAX's persistent cache is keyed on the program itself: with it, a program
+    one test or worker compiled is loaded by every other. The directory lives
+    for one run: made by the first process (the pytest-xdist controller,
+    whose environment the workers inherit) and removed when it exits.
+    Set ``SHARDOPT_TEST_XLA_CACHE=off`` to compile everything afresh.
+    """
+    directory = os.environ.get("SHARDOPT_TEST_XLA_CACHE")
+    if directory == "off":
+        return
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="shardopt-xla-cache-")
+        os.environ["SHARDOPT_TEST_XLA_CACHE"] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_share_compilations()
 
 
 def pytest_sessionstart(session):

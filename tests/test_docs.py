@@ -49,22 +49,16 @@ def test_page_runs(page, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     namespace = vars(module)
     printed = ""
-    try:
-        with jax.numpy_dtype_promotion("standard"):
-            previous = None
-            for i, (kind, body, runs) in enumerate(found):
-                if kind == "text" and previous == "python":  # its output
-                    printed += capsys.readouterr().out
-                    assert body in printed, f"{page.name}, block {i + 1}: {body}"
-                    printed = ""
-                elif kind == "python" and runs:
-                    exec(
-                        compile(body, f"{page.name}, block {i + 1}", "exec"),
-                        namespace,
-                    )
-                previous = kind
-    finally:
-        jax.clear_caches()
+    with jax.numpy_dtype_promotion("standard"):
+        previous = None
+        for i, (kind, body, runs) in enumerate(found):
+            if kind == "text" and previous == "python":  # its output
+                printed += capsys.readouterr().out
+                assert body in printed, f"{page.name}, block {i + 1}: {body}"
+                printed = ""
+            elif kind == "python" and runs:
+                exec(compile(body, f"{page.name}, block {i + 1}", "exec"), namespace)
+            previous = kind
 
 
 def _reference():
@@ -121,8 +115,5 @@ def test_docstring_example_runs(path, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module = types.ModuleType("__docs__")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    try:
-        with jax.numpy_dtype_promotion("standard"):
-            exec(compile(PRELUDE + code, path, "exec"), vars(module))
-    finally:
-        jax.clear_caches()
+    with jax.numpy_dtype_promotion("standard"):
+        exec(compile(PRELUDE + code, path, "exec"), vars(module))

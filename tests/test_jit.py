@@ -242,3 +242,11 @@ def test_a_copied_or_pickled_optimizer_keeps_its_structure():
     for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert jax.tree.structure(copied) == jax.tree.structure(opt)
         assert jax.tree.structure(copied.transform) == jax.tree.structure(opt.transform)
+
+
+def test_repr_shows_the_transform_and_state_not_the_storage():
+    opt = shardopt.Optimizer(shardopt.adamw(1e-3), {"w": jnp.ones(3)})
+    text = repr(opt)
+    assert text.startswith("Optimizer(\n  transform=Chain(")
+    assert "ScaleByAdamState(count=i32[], mu={'w': f32[3]}" in text
+    assert "transform_leaves" not in text and "TreeStructures" not in text

@@ -95,12 +95,14 @@ def canonical_bases(state):
     positive): an eigenbasis is defined up to the sign of each column, and two
     programs may pick different ones; the parameters do not depend on it."""
 
-    def fix(q):
+    def fix(q):  # on the host: an eager op on arrays of two layouts once
+        # aborted XLA's SPMD partitioner (q stacked over devices, its signs not)
+        q = np.asarray(q)
         if q.ndim < 2:
             return q
-        rows = jnp.argmax(jnp.abs(q), axis=-2, keepdims=True)
-        signs = jnp.sign(jnp.take_along_axis(q, rows, axis=-2))
-        return q * jnp.where(signs == 0, 1, signs).astype(q.dtype)
+        rows = np.argmax(np.abs(q), axis=-2, keepdims=True)
+        signs = np.sign(np.take_along_axis(q, rows, axis=-2))
+        return q * np.where(signs == 0, 1, signs).astype(q.dtype)
 
     def one(node):
         if not isinstance(node, shardopt.SoapState):

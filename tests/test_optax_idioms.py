@@ -135,14 +135,16 @@ def test_vmap_over_a_batch_of_states(name):
     row = ROWS_BY_NAME[name]
 
     def run(tx):
-        params = batched_params()
-        states = jax.vmap(tx.init)(params)
-        update = jax.jit(jax.vmap(tx.update))
-        for step in range(STEPS):
-            grads = jax.vmap(lambda p, s=step: gradient(p, s))(params)
-            updates, states = update(grads, states, params)
-            params = apply(params, updates)
-        return params
+        @jax.jit  # one program: init, and every step's gradient and update
+        def steps(params):
+            states = jax.vmap(tx.init)(params)
+            for step in range(STEPS):
+                grads = jax.vmap(lambda p, s=step: gradient(p, s))(params)
+                updates, states = jax.vmap(tx.update)(grads, states, params)
+                params = apply(params, updates)
+            return params
+
+        return steps(batched_params())
 
     ours = run(row.ours())
     with jax.numpy_dtype_promotion("standard"):
@@ -184,11 +186,15 @@ def test_grad_through_an_update(name):
     lr = jnp.float32(1e-2)
     ours = jax.jit(jax.grad(lambda lr: meta_loss(lambda r: make(shardopt, r), lr)))
     with jax.numpy_dtype_promotion("standard"):
-        oracle = jax.grad(lambda lr: meta_loss(lambda r: make(optax, r), lr))(lr)
+        oracle = jax.jit(jax.grad(lambda lr: meta_loss(lambda r: make(optax, r), lr)))(
+            lr
+        )
     np.testing.assert_allclose(ours(lr), oracle, rtol=2e-5)
     # the same derivative, taken with respect to the transform's own field
     tx = make(shardopt, lr)
-    by_field = eqx.filter_grad(lambda tx: meta_loss(lambda _: tx, None))(tx)
+    by_field = eqx.filter_jit(
+        eqx.filter_grad(lambda tx: meta_loss(lambda _: tx, None))
+    )(tx)
     rates = [
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(by_field)
