@@ -121,9 +121,7 @@ def per_matrix(
     stored alike) share one ``jax.vmap(fn)`` over their stacked inputs. Under
     an Optimizer with a plan, a stack with a partitioned input or output is
     spread over the devices (:meth:`AbstractMatrixLayout.spread`, zero-padded
-    to a multiple of their number, unless that padding would outnumber the
-    matrices: then the stack is computed from its stored layout, each
-    matrix split over the devices) and each output stack goes back to its
+    to a multiple of their number) and each output stack goes back to its
     items' layout in one move (an output with no layout, None, is gathered:
     the path of leaves reshaped into matrices, whose layout does not carry
     over to the matrices); a stack of replicated matrices is computed where
@@ -145,15 +143,8 @@ def per_matrix(
             for s in it.in_specs + it.out_specs
         )
         n = len(group)
-        pad = -n % layout.shares if spread else 0
-        if pad > n:
-            # more slots of zeros than matrices: every device would run fn on
-            # a whole matrix (most of them zeros) where splitting each matrix
-            # over the devices (GSPMD, from the stored layouts) shares out
-            # the real ones; an MLP's 3 + 1 + 1 matrices on 8 devices cost
-            # 2.9x the FLOPs per device spread (docs/benchmarks.md)
-            spread = False
         if spread:
+            pad = -n % layout.shares
             stacks = [
                 layout.spread(jnp.pad(s, [(0, pad)] + [(0, 0)] * (s.ndim - 1)))
                 for s in stacks
