@@ -24,12 +24,13 @@ def _share_compilations() -> None:
 
     JAX's in-memory caches are keyed on the jitted function, and the tests
     build many functions that compile to the same program (each test its own
-    ``jax.jit`` of the same step, both pytest-xdist workers the same set-up).
-    JAX's persistent cache is keyed on the program itself: with it, a program
-    one test or worker compiled is loaded by every other. The directory lives
-    for one run: made by the first process (the pytest-xdist controller,
-    whose environment the workers inherit) and removed when it exits.
-    Set ``SHARDOPT_TEST_XLA_CACHE=off`` to compile everything afresh.
+    ``jax.jit`` of the same step). JAX's persistent cache is keyed on the
+    program itself: with it, a program one test compiled is loaded by every
+    later one. The directory lives for one run: made by the first process
+    (the pytest-xdist controller, whose environment the workers inherit) and
+    removed when it exits; each worker has a folder of its own in it (JAX
+    writes an entry in place, so a worker could read another's half-written
+    entry). Set ``SHARDOPT_TEST_XLA_CACHE=off`` to compile everything afresh.
     """
     directory = os.environ.get("SHARDOPT_TEST_XLA_CACHE")
     if directory == "off":
@@ -38,7 +39,8 @@ def _share_compilations() -> None:
         directory = tempfile.mkdtemp(prefix="shardopt-xla-cache-")
         os.environ["SHARDOPT_TEST_XLA_CACHE"] = directory
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(directory, worker))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
