@@ -285,8 +285,8 @@ def flat_layout(transform: Any, params: PyTree, fuse: bool | None) -> FlatLayout
     never; ``None`` (the default) where it is elementwise and the tree has at
     least :data:`AUTO_MIN_LEAVES` leaves, where flat buffers were measured
     faster per step and to compile (docs/benchmarks.md, "Flat buffers").
+    ``fuse`` is checked by the caller (:func:`check_fuse`).
     """
-    check_fuse(fuse)
     if fuse is False or not is_elementwise(transform):
         return None
     n_leaves = len(jax.tree.leaves(params))

@@ -29,7 +29,7 @@ from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
 from ._transforms._matrix_layout import using_matrix_layout
 from ._tree import (
-    TreeStructures,
+    TreeStructure,
     check_grads_match,
     check_per_example_grads_match,
     is_trainable,
@@ -95,7 +95,7 @@ class Optimizer(eqx.Module):
     transform_leaves: tuple  # jax.tree.leaves(transform)
     stored_state: State  # as stored: Packed buffers where fused (see .state)
     count: Array
-    transform_structure: TreeStructures = eqx.field(static=True)
+    transform_structure: TreeStructure = eqx.field(static=True)
     plan: ShardingPlan | None = eqx.field(static=True, default=None)
     layout: FlatLayout | None = eqx.field(static=True, default=None)
 
@@ -154,7 +154,7 @@ class Optimizer(eqx.Module):
     def transform(self) -> AbstractTransform:
         """The transform, with its hyperparameters (to replace it, use
         :meth:`replace_transform` or :meth:`with_hyperparameters`)."""
-        (treedef,) = self.transform_structure.treedefs
+        treedef = self.transform_structure.treedef
         return jax.tree_util.tree_unflatten(treedef, self.transform_leaves)
 
     @property
@@ -185,7 +185,7 @@ class Optimizer(eqx.Module):
     ) -> Optimizer:
         """A copy with the parts given replaced (built as ``eqx.tree_at``
         builds one: no ``__init__``)."""
-        new = object.__new__(Optimizer)
+        new = object.__new__(type(self))
         fields = dict(self.__dict__)
         if transform is not _KEEP:
             fields["transform_leaves"], fields["transform_structure"] = _flat(transform)
@@ -345,10 +345,10 @@ class Optimizer(eqx.Module):
         return self.replace_state(state)
 
 
-def _flat(transform: AbstractTransform) -> tuple[tuple, TreeStructures]:
+def _flat(transform: AbstractTransform) -> tuple[tuple, TreeStructure]:
     """The Optimizer's ``transform_leaves`` and ``transform_structure``."""
     leaves, treedef = jax.tree_util.tree_flatten(transform)
-    return tuple(leaves), TreeStructures(treedef)
+    return tuple(leaves), TreeStructure(treedef)
 
 
 def _objective_on_whole(extra_args: dict[str, Any], params: Params) -> dict:

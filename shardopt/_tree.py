@@ -181,50 +181,48 @@ class StaticTree:
         return f"StaticTree({self.tree!r})"
 
 
-class TreeStructures:
-    """Tree structures (``PyTreeDef`` s) kept in a static Module field beside
-    the leaves they arrange, stored flat (see :class:`shardopt.Optimizer`).
+class TreeStructure:
+    """A tree structure (``PyTreeDef``) kept in a static Module field beside
+    the leaves it arranges, stored flat (see :class:`shardopt.Optimizer`).
 
-    It hashes and compares as its treedefs. A copy shares them (a treedef is
-    immutable), and pickling rebuilds them from skeleton trees: a treedef's
+    It hashes and compares as its treedef. A copy shares it (a treedef is
+    immutable), and pickling rebuilds it from a skeleton tree: a treedef's
     node data may hold markers compared by identity (Equinox's ``MISSING``),
     which a pickled treedef would not keep equal.
     """
 
-    __slots__ = ("_hash", "treedefs")
+    __slots__ = ("_hash", "treedef")
 
-    def __init__(self, *treedefs: Any) -> None:
-        self.treedefs = treedefs
-        self._hash = hash(treedefs)
+    def __init__(self, treedef: Any) -> None:
+        self.treedef = treedef
+        self._hash = hash(treedef)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TreeStructures) and (
-            self is other or self.treedefs == other.treedefs
+        return isinstance(other, TreeStructure) and (
+            self is other or self.treedef == other.treedef
         )
 
-    def __copy__(self) -> TreeStructures:
+    def __copy__(self) -> TreeStructure:
         return self
 
-    def __deepcopy__(self, memo: dict) -> TreeStructures:
+    def __deepcopy__(self, memo: dict) -> TreeStructure:
         return self
 
     def __reduce__(self) -> tuple:
-        skeletons = tuple(
-            jax.tree_util.tree_unflatten(td, [_Slot()] * td.num_leaves)
-            for td in self.treedefs
-        )
-        return _structures_of, (skeletons,)
+        td = self.treedef
+        skeleton = jax.tree_util.tree_unflatten(td, [_Slot()] * td.num_leaves)
+        return _structure_of, (skeleton,)
 
     def __repr__(self) -> str:
-        return f"TreeStructures{self.treedefs}"
+        return f"TreeStructure({self.treedef})"
 
 
 class _Slot:
     """The leaf of a skeleton tree (pickles by value, unlike ``object()``)."""
 
 
-def _structures_of(skeletons: tuple) -> TreeStructures:
-    return TreeStructures(*(jax.tree_util.tree_structure(s) for s in skeletons))
+def _structure_of(skeleton: PyTree) -> TreeStructure:
+    return TreeStructure(jax.tree_util.tree_structure(skeleton))

@@ -249,4 +249,4 @@ def test_repr_shows_the_transform_and_state_not_the_storage():
     text = repr(opt)
     assert text.startswith("Optimizer(\n  transform=Chain(")
     assert "ScaleByAdamState(count=i32[], mu={'w': f32[3]}" in text
-    assert "transform_leaves" not in text and "TreeStructures" not in text
+    assert "transform_leaves" not in text and "TreeStructure" not in text
