@@ -274,23 +274,30 @@ def test_zero_size_leaves_round_trip(tmp_path):
     assert got.params["only"].shape == (0,)
 
 
-def test_checkpoints_with_adler32_records_are_still_verified(tmp_path):
-    """Before CRC-32, records held Adler-32: such steps restore and are checked."""
+@pytest.mark.parametrize(
+    ("algorithm", "function"),
+    [("crc32", zlib.crc32), ("adler32", zlib.adler32)],
+)
+def test_checkpoints_with_older_records_are_still_verified(
+    tmp_path, algorithm, function
+):
+    """Before XXH3, records held CRC-32 (and before that Adler-32): such steps
+    restore and are checked with the algorithm they name."""
     params = {"w": jnp.arange(64.0)}
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, params=params)
     (partial,) = (tmp_path / "1" / "checksums").glob("partial_*.json")
     records = json.loads(partial.read_text())
+    assert all("xxh3_64" in r for r in records)
     data = np.asarray(params["w"])
     for record in records:
-        region = tuple(slice(a, b) for a, b in record.pop("index"))
-        record["index"] = [[s.start, s.stop] for s in region]
-        record["adler32"] = zlib.adler32(data[region].view(np.uint8))
-        del record["crc32"]
+        region = tuple(slice(a, b) for a, b in record["index"])
+        record[algorithm] = function(data[region].view(np.uint8))
+        del record["xxh3_64"]
     partial.write_text(json.dumps(records))
     got = CheckpointManager(tmp_path).restore(params=params)
     assert np.array_equal(got.params["w"], data)
-    records[0]["adler32"] += 1
+    records[0][algorithm] += 1
     partial.write_text(json.dumps(records))
     with pytest.raises(ChecksumError, match=r"params/w \(checksum mismatch"):
         CheckpointManager(tmp_path).restore(params=params)

@@ -10,6 +10,7 @@ import zlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xxhash
 
 from shardopt.checkpoint import (
     CheckpointManager,
@@ -112,7 +113,7 @@ def _shards(array, cuts0, cuts1):
 )
 def test_region_checksum_chained_over_bands_equals_the_whole(monkeypatch, cuts0, cuts1):
     """Row bands in place, column-split bands put together, bands cut small:
-    the chained CRC-32 (and Adler-32) is that of the region's bytes."""
+    the chained XXH3 (and CRC-32, Adler-32) is that of the region's bytes."""
     from shardopt.checkpoint import _verify
 
     monkeypatch.setattr(_verify, "BAND_BYTES", 5 * 48 * 4)  # 5 rows a band
@@ -124,12 +125,16 @@ def test_region_checksum_chained_over_bands_equals_the_whole(monkeypatch, cuts0,
 
     for region in ([[0, 64], [0, 48]], [[8, 59], [0, 48]], [[3, 50], [10, 40]]):
         part = array[tuple(slice(a, b) for a, b in region)]
-        for algorithm, fn in (("crc32", zlib.crc32), ("adler32", zlib.adler32)):
+        for algorithm, fn in (
+            ("xxh3_64", xxhash.xxh3_64_intdigest),
+            ("crc32", zlib.crc32),
+            ("adler32", zlib.adler32),
+        ):
             got = _verify._region_digest(region, shards, data, np.float32, algorithm)
             assert got == fn(np.ascontiguousarray(part).view(np.uint8))
     if len(shards) > 1:  # one block not local: left to the process holding it
         rest = shards[1:]
         got = _verify._region_digest(
-            [[0, 64], [0, 48]], rest, lambda i: rest[i][1], np.float32, "crc32"
+            [[0, 64], [0, 48]], rest, lambda i: rest[i][1], np.float32, "xxh3_64"
         )
         assert got is None

@@ -1,46 +1,90 @@
 """Checksums of every shard, taken in Orbax's background thread, checked on read.
 
 Each process records, for every shard it holds the first copy of, the shard's
-slice of the global array and the CRC-32 of its bytes (row-major). A reader
-recomputes the checksum of each recorded slice, so the check works whatever
-mesh the array is later read onto. zlib's CRC-32 is hardware-accelerated
-(measured here: ~4 GB/s a core, Adler-32 ~1.4 GB/s) and releases the GIL; it
-detects truncation and flipped bytes, not deliberate tampering. Checkpoints
-written before recorded Adler-32 (``"adler32"`` in each record) and are still
-checked with it.
+slice of the global array and a 64-bit XXH3 hash of its bytes (row-major). A
+reader recomputes the hash of each recorded slice, so the check works whatever
+mesh the array is later read onto. XXH3 runs at memory speed (measured here:
+~10 GB/s a core, against ~4 GB/s for zlib's CRC-32) and releases the GIL; like
+a CRC it detects truncation and flipped bytes, not deliberate tampering.
+Checkpoints written earlier recorded CRC-32 (``"crc32"`` in each record) or
+Adler-32 (``"adler32"``) and are still checked with those.
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import Protocol
 
 import jax
 import numpy as np
+import xxhash
 
-Record = dict  # {"leaf": int, "index": [[start, stop], ...], "crc32": int | None}
-ALGORITHMS = {"crc32": zlib.crc32, "adler32": zlib.adler32}
-INITIAL = {"crc32": 0, "adler32": 1}  # the value of no bytes
+Record = dict  # {"leaf": int, "index": [[start, stop], ...], ALGORITHM: int | None}
+ALGORITHM = "xxh3_64"  # what a save records
+KNOWN = (ALGORITHM, "crc32", "adler32")  # what a restore can check
 
 
-def digest(x: np.ndarray, algorithm: str = "crc32", running: int | None = None) -> int:
-    """The checksum of an array's bytes in row-major order.
+class Hasher(Protocol):
+    """A running checksum: bytes fed in order, the value of all so far."""
 
-    ``running``: the checksum of the bytes before ``x``, to chain pieces (the
-    checksum of ``a`` then ``b`` is ``digest(b, running=digest(a))``). Viewed
-    as raw bytes first: the buffer protocol has no format for ml_dtypes'
-    bfloat16 and float8 types.
-    """
-    start = INITIAL[algorithm] if running is None else running
-    return ALGORITHMS[algorithm](
-        np.ascontiguousarray(x).reshape(-1).view(np.uint8), start
-    )
+    def update(self, data: np.ndarray) -> None: ...
+
+    def value(self) -> int: ...
+
+
+class _Xxh3:
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_64()
+
+    def update(self, data: np.ndarray) -> None:
+        self._state.update(data)
+
+    def value(self) -> int:
+        return self._state.intdigest()
+
+
+class _Zlib:
+    def __init__(self, function, initial: int) -> None:
+        self._function, self._value = function, initial
+
+    def update(self, data: np.ndarray) -> None:
+        self._value = self._function(data, self._value)
+
+    def value(self) -> int:
+        return self._value
+
+
+def hasher(algorithm: str = ALGORITHM) -> Hasher:
+    """A new running checksum of ``algorithm`` (one of :data:`KNOWN`)."""
+    if algorithm == "xxh3_64":
+        return _Xxh3()
+    if algorithm == "crc32":
+        return _Zlib(zlib.crc32, 0)
+    if algorithm == "adler32":
+        return _Zlib(zlib.adler32, 1)
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {KNOWN}")
+
+
+def as_bytes(x: np.ndarray) -> np.ndarray:
+    """``x``'s bytes in row-major order, as a 1-D uint8 array (a view where
+    ``x`` is contiguous). Viewed as raw bytes: the buffer protocol has no
+    format for ml_dtypes' bfloat16 and float8 types."""
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+
+
+def digest(x: np.ndarray, algorithm: str = ALGORITHM) -> int:
+    """The checksum of an array's bytes in row-major order."""
+    running = hasher(algorithm)
+    running.update(as_bytes(x))
+    return running.value()
 
 
 def recorded(record: Record) -> tuple[str, int | None]:
-    """``(algorithm, value)`` of a record, new (CRC-32) or old (Adler-32)."""
-    if "crc32" in record:
-        return "crc32", record["crc32"]
-    return "adler32", record.get("adler32")
+    """``(algorithm, value)`` of a record, whichever algorithm wrote it."""
+    for algorithm in KNOWN:
+        if algorithm in record:
+            return algorithm, record[algorithm]
+    return ALGORITHM, None
 
 
 def _slices(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:
@@ -77,7 +121,7 @@ def compute(shards: list[tuple[int, list, jax.Array]]) -> list[Record]:
             value = digest(np.asarray(data))
         except RuntimeError:  # deleted or donated in the meantime
             value = None
-        records.append({"leaf": leaf, "index": index, "crc32": value})
+        records.append({"leaf": leaf, "index": index, ALGORITHM: value})
     return records
 
 

@@ -2,15 +2,15 @@
 
 Every restore does it by default. Each process checks only the shards it holds
 (one local copy of each distinct slice: Orbax reads a slice once and places it
-on every local device that holds it), so the cost is one CRC-32 pass over the
-bytes this process read. The pass overlaps the read: Orbax's reader reads the
-arrays in a few groups at once and hands each group over as soon as it is read
-(``ReadHookArrayHandler``); its checks run in a thread pool (zlib releases the
-GIL) while the other groups are still being read. A recorded slice that no
-single local shard contains (the array was saved in another layout) is
-checked from the local shards band by band, the checksum chained, when the
-process has all of it; on several processes such a slice is left to the
-processes whose shards contain it.
+on every local device that holds it), so the cost is one hashing pass (XXH3,
+see ``_checksum``) over the bytes this process read. The pass overlaps the
+read: Orbax's reader reads the arrays in a few groups at once and hands each
+group over as soon as it is read (``ReadHookArrayHandler``); its checks run in
+a thread pool (the hash releases the GIL) while the other groups are still
+being read. A recorded slice that no single local shard contains (the array
+was saved in another layout) is checked from the local shards band by band,
+the hash chained, when the process has all of it; on several processes such a
+slice is left to the processes whose shards contain it.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from ._checksum import digest, recorded
+from ._checksum import as_bytes, digest, hasher, recorded
 from ._errors import ChecksumError, CorruptCheckpointError
 from ._tree import nested_paths
 
@@ -133,18 +133,21 @@ def _region_digest(region, shards, data, dtype, algorithm) -> int | None:
         return None
     row_bytes = int(np.prod(sizes[1:])) * np.dtype(dtype).itemsize
     rows = max(1, BAND_BYTES // max(row_bytes, 1))
-    value = None
+    running = hasher(algorithm)
+    scratch = np.empty(rows * int(np.prod(sizes[1:])), dtype)  # reused: no
+    # fresh pages to fault in for every band put together
     cuts = sorted(cuts)
     for start, stop in itertools.pairwise(cuts):
         for a in range(start, stop, rows):
             band = [[a, min(a + rows, stop)], *region[1:]]
-            value = digest(_band(band, shards, data, dtype), algorithm, value)
-    return value
+            running.update(as_bytes(_band(band, shards, data, dtype, scratch)))
+    return running.value()
 
 
-def _band(band, shards, data, dtype) -> np.ndarray:
+def _band(band, shards, data, dtype, scratch=None) -> np.ndarray:
     """The ``band`` of the array: a view into the shard holding all of it, or
-    put together from the shards that hold its parts."""
+    put together from the shards that hold its parts (in ``scratch``, a 1-D
+    buffer at least the band's size, where given)."""
     for i, (bounds, _) in enumerate(shards):
         if _contains(bounds, band):
             return data(i)[
@@ -153,7 +156,11 @@ def _band(band, shards, data, dtype) -> np.ndarray:
                     for (a, b), (o, _) in zip(band, bounds, strict=True)
                 )
             ]
-    out = np.empty(tuple(b - a for a, b in band), dtype)
+    shape = tuple(b - a for a, b in band)
+    if scratch is None:
+        out = np.empty(shape, dtype)
+    else:
+        out = scratch[: int(np.prod(shape))].reshape(shape)
     for i, (bounds, _) in enumerate(shards):
         lo = [max(a, c) for (a, _), (c, _) in zip(band, bounds, strict=True)]
         hi = [min(b, d) for (_, b), (_, d) in zip(band, bounds, strict=True)]
