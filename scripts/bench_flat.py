@@ -3,9 +3,12 @@ split into 10, 100, 1,000 and 10,000 leaves of the same total size.
 
 For each tree and storage it prints trace and compile time of one step and the
 median update time (repeats interleaved across all variants, so a loaded
-machine slows them alike), the bytes an update must move (read g, p, mu, nu;
-write p, mu, nu) and that rate as a fraction of a large array copy's measured
-bandwidth in the same run.
+machine slows them alike), beside a floor: the program that only adds a
+gradient to each leaf (``p + g``, leaf by leaf), the least any step that takes
+and returns the parameters as a tree of that many arrays can do. Also the
+bytes an update must move (AdamW reads g, p, mu, nu and writes p, mu, nu; the
+floor reads g, p and writes p) and that rate as a fraction of a large array
+copy's measured bandwidth in the same run.
 
     PYTHONPATH=. python scripts/bench_flat.py [--leaves 10 100 1000 10000]
         [--total 1000000] [--repeats 30] [--per-leaf-max 1000]
@@ -31,7 +34,11 @@ import jax.numpy as jnp
 
 import shardopt
 
-BYTES_PER_PARAM = 7 * 4  # AdamW, float32: reads g, p, mu, nu; writes p, mu, nu
+BYTES_PER_PARAM = {  # float32: what one update reads and writes per parameter
+    "flat": 7 * 4,  # AdamW: reads g, p, mu, nu; writes p, mu, nu
+    "per leaf": 7 * 4,
+    "floor": 3 * 4,  # reads g, p; writes p
+}
 
 
 def tree(n_leaves: int, total: int) -> dict[str, jax.Array]:
@@ -44,19 +51,31 @@ def tree(n_leaves: int, total: int) -> dict[str, jax.Array]:
 
 
 class Variant:
-    """One (tree, storage) pair: its compiled step and its live arrays."""
+    """One (tree, storage) pair: its compiled step and its live arrays.
 
-    def __init__(self, n_leaves: int, total: int, fuse: bool):
-        self.name = f"{n_leaves} leaves, {'flat' if fuse else 'per leaf'}"
-        self.n_leaves, self.fuse = n_leaves, fuse
+    ``storage``: "flat" or "per leaf" (AdamW with ``fuse=True``/``False``), or
+    "floor" (``p + g`` leaf by leaf, no optimizer).
+    """
+
+    def __init__(self, n_leaves: int, total: int, storage: str):
+        self.name = f"{n_leaves} leaves, {storage}"
+        self.n_leaves, self.storage = n_leaves, storage
         self.params = tree(n_leaves, total)
         self.grads = jax.tree.map(lambda x: x * 0.5 + 1e-3, self.params)
-        opt = shardopt.Optimizer(shardopt.adamw(1e-3), self.params, fuse=fuse)
-        self.opt_arrays, static = eqx.partition(opt, eqx.is_array)
+        if storage == "floor":
+            self.opt_arrays = None
 
-        def step(params, opt_arrays, grads):
-            params, new = eqx.combine(opt_arrays, static).step(params, grads)
-            return params, eqx.filter(new, eqx.is_array)
+            def step(params, opt_arrays, grads):
+                return jax.tree.map(jnp.add, params, grads), opt_arrays
+
+        else:
+            fuse = storage == "flat"
+            opt = shardopt.Optimizer(shardopt.adamw(1e-3), self.params, fuse=fuse)
+            self.opt_arrays, static = eqx.partition(opt, eqx.is_array)
+
+            def step(params, opt_arrays, grads):
+                params, new = eqx.combine(opt_arrays, static).step(params, grads)
+                return params, eqx.filter(new, eqx.is_array)
 
         jitted = jax.jit(step, donate_argnums=(0, 1))
         start = time.perf_counter()
@@ -112,10 +131,10 @@ def main() -> None:
     print(f"# load average at start: {load()}", flush=True)
     variants = []
     for n in args.leaves:
-        for fuse in (True, False):
-            if not fuse and n > args.per_leaf_max:
+        for storage in ("flat", "per leaf", "floor"):
+            if storage == "per leaf" and n > args.per_leaf_max:
                 continue
-            variants.append(Variant(n, args.total, fuse))
+            variants.append(Variant(n, args.total, storage))
             v = variants[-1]
             print(
                 f"compiled {v.name}: trace {v.trace_s:.2f} s, "
@@ -129,24 +148,23 @@ def main() -> None:
 
     print(f"# load average at end: {load()}")
     base = {
-        fuse: statistics.median(v.times)
+        v.storage: statistics.median(v.times)
         for v in variants
-        for fuse in (v.fuse,)
         if v.n_leaves == min(args.leaves)
     }
-    moved = BYTES_PER_PARAM * args.total
     print(f"\ncopy bandwidth: {bandwidth / 1e9:.2f} GB/s (64 MiB array, median)")
     print(
-        "| leaves | storage | trace + compile (s) | update (ms) | vs 10 leaves "
+        f"| leaves | storage | trace + compile (s) | update (ms) "
+        f"| vs {min(args.leaves):,} leaves "
         "| bytes moved / copy bandwidth |"
     )
     print("|---:|---|---:|---:|---:|---:|")
     for v in variants:
         t = statistics.median(v.times)
-        storage = "flat" if v.fuse else "per leaf"
+        moved = BYTES_PER_PARAM[v.storage] * args.total
         print(
-            f"| {v.n_leaves:,} | {storage} | {v.trace_s + v.compile_s:.2f} "
-            f"| {1e3 * t:.2f} | {t / base[v.fuse]:.2f}x "
+            f"| {v.n_leaves:,} | {v.storage} | {v.trace_s + v.compile_s:.2f} "
+            f"| {1e3 * t:.2f} | {t / base[v.storage]:.2f}x "
             f"| {moved / t / bandwidth:.2f} |"
         )
 
