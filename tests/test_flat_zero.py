@@ -189,6 +189,28 @@ def test_no_recompilation_across_steps():
         assert buffer.sharding == opt.layout.buffer_sharding()
 
 
+def test_a_donated_jit_step_compiles_once_and_reuses_the_buffers():
+    traces = [0]
+
+    def train_step(params, opt, i):
+        traces[0] += 1
+        return opt.step(params, gradient(params, i))
+
+    step = shardopt.jit_step(train_step, donate_argnums=(0, 1))
+    params, opt = build(TRANSFORMS["adam"], 3, "4x2", True)
+    for i in range(4):
+        old = opt.stored_state[0].mu.buffers[0]
+        params, opt = step(params, opt, jnp.int32(i))
+        assert old.is_deleted()  # donated: its memory holds the new buffer
+    assert traces[0] == 1
+    want_params, want = run("adam", 3, "4x2", True)
+    new_params, new = step(*build(TRANSFORMS["adam"], 3, "4x2", True), jnp.int32(0))
+    for i in range(1, STEPS):
+        new_params, new = step(new_params, new, jnp.int32(i))
+    assert_bit_equal(new_params, want_params)
+    assert_bit_equal(new.state, want.state)
+
+
 # ------------------------------------------------------------ collectives
 def loss(p, x, y):
     h = jnp.tanh(x @ p["w1"] + p["b1"])
@@ -338,6 +360,15 @@ def test_a_state_override_keeps_the_state_per_leaf():
     opt = shardopt.Optimizer(TRANSFORMS["adam"], few, plan=plan, fuse=True)
     assert opt.layout is None
     assert opt.state[0].mu["w000"].sharding.is_fully_replicated
+
+
+def test_an_offloaded_state_stays_per_leaf():
+    mesh = mesh_of("8")
+    plan = shardopt.zero(1, mesh, min_size=0, offload_state=True)
+    opt = shardopt.Optimizer(
+        TRANSFORMS["adam"], _abstract_tree(3, mesh), plan=plan, fuse=True
+    )
+    assert opt.layout is None
 
 
 def test_replace_state_packs_onto_the_plans_buffers():
