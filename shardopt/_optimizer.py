@@ -234,21 +234,24 @@ class Optimizer(eqx.Module):
                 )
             tp = plan.constrain(tp, mirror)
         extra_args = _objective_on_whole(extra_args, params)
-        if self.layout is not None and plan is None:
+        if self.layout is not None:
             return self._fused_step(params, tp, grads, extra_args)
-        if self.layout is not None:  # packed in the plan's layout: see below
-            updates, state = self._packed_update(tp, grads, extra_args)
-        else:
-            updates, state = self._per_leaf_update(tp, grads, extra_args)
+        # matrix transforms (muon, shampoo, soap) ask the plan where whole
+        # matrices go while this step is traced (see _matrix_layout)
+        layout = None if plan is None else matrix_layout(plan, tp)
+        # an offloaded state comes to device memory here and goes back below
+        state = self.stored_state
+        if plan is not None:
+            state = state_on_device(plan, state, tp)
+        with using_matrix_layout(layout):
+            updates, state = update_with_extra_args(
+                self.transform, grads, state, tp, extra_args
+            )
         if _debug.active():
             _debug.check_step(self.count, grads, updates)
         count = safe_increment(self.count)
         if plan is not None:
-            if self.layout is not None:
-                state_shardings = self.layout.state_shardings(state, plan)
-            else:
-                state_shardings = plan.state_shardings(state, tp)
-            state = plan.constrain(state, state_shardings)
+            state = plan.constrain(state, plan.state_shardings(state, tp))
             param_shardings = plan.param_shardings(tp)
             updates = plan.constrain(updates, param_shardings)
             count = plan.constrain(count, plan.replicated())
@@ -257,47 +260,20 @@ class Optimizer(eqx.Module):
             new_params = _constrain_trainable(plan, new_params, param_shardings)
         return new_params, self._replaced(state=state, count=count)
 
-    def _per_leaf_update(
-        self, tp: Params, grads: PyTree, extra_args: dict
-    ) -> tuple[PyTree, State]:
-        """The transform's update on the leaves as they are (in the plan's
-        mirrored layout where there is a plan)."""
-        plan = self.plan
-        # matrix transforms (muon, shampoo, soap) ask the plan where whole
-        # matrices go while this step is traced (see _matrix_layout)
-        layout = None if plan is None else matrix_layout(plan, tp)
-        # an offloaded state comes to device memory here and goes back in step
-        state = self.stored_state
-        if plan is not None:
-            state = state_on_device(plan, state, tp)
-        with using_matrix_layout(layout):
-            return update_with_extra_args(self.transform, grads, state, tp, extra_args)
-
-    def _packed_update(
-        self, tp: Params, grads: PyTree, extra_args: dict
-    ) -> tuple[PyTree, State]:
-        """The update on flat buffers under a plan: the gradients and the
-        parameters (both in the plan's mirrored layout) packed by each device
-        from its own shards, the (elementwise) transform run once per buffer,
-        and the updates unpacked into that layout again, all without a
-        collective. The state stays packed."""
-        layout = self.layout
-        layout.check(tp, "parameters")
-        updates, state = update_with_extra_args(
-            self.transform,
-            layout.pack(grads),
-            self.stored_state,
-            layout.pack(tp),
-            extra_args,
-        )
-        return layout.unpack(updates), state
-
     def _fused_step(
         self, params: Params, tp: Params, grads: PyTree, extra_args: dict
     ) -> tuple[Params, Optimizer]:
         """The step on flat buffers: pack the gradients and parameters, run the
-        (elementwise) transform once per buffer, add, and unpack the sums."""
-        layout = self.layout
+        (elementwise) transform once per buffer, add, and unpack the sums.
+
+        Under a plan ``tp`` and ``grads`` come in the plan's mirrored layout,
+        and each device packs and unpacks its own shards (no collective). At
+        stages 0 and 3 the parameters are stored in that layout, so the sums
+        are taken in the buffers as without a plan; at stages 1 and 2 the
+        updates are unpacked and go back to the parameters' layout (the
+        per-leaf step's all-gathers) to be added there.
+        """
+        layout, plan = self.layout, self.plan
         layout.check(tp, "parameters")
         packed_params, packed_grads = layout.pack(tp), layout.pack(grads)
         updates, state = update_with_extra_args(
@@ -305,6 +281,16 @@ class Optimizer(eqx.Module):
         )
         if _debug.active():
             _debug.check_step(self.count, grads, layout.unpack(updates))
+        count = safe_increment(self.count)
+        if plan is not None:
+            state = plan.constrain(state, layout.state_shardings(state, plan))
+            count = plan.constrain(count, plan.replicated())
+        if plan is not None and plan.stage in (1, 2):
+            param_shardings = plan.param_shardings(tp)
+            updates = plan.constrain(layout.unpack(updates), param_shardings)
+            new_params = apply_updates(params, updates)
+            new_params = _constrain_trainable(plan, new_params, param_shardings)
+            return new_params, self._replaced(state=state, count=count)
         summed = Packed(
             tuple(
                 add(p, u).astype(p.dtype)
@@ -318,8 +304,7 @@ class Optimizer(eqx.Module):
             params,
             is_leaf=lambda x: x is None,
         )
-        new_self = self._replaced(state=state, count=safe_increment(self.count))
-        return new_params, new_self
+        return new_params, self._replaced(state=state, count=count)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter of the transform by name (a value or a schedule)."""

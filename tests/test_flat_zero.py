@@ -122,6 +122,13 @@ def test_fused_equals_the_per_leaf_plan_bit_for_bit(name, stage, mesh_name):
     check_fused_equals_per_leaf(name, stage, mesh_name, "mixed")
 
 
+@pytest.mark.parametrize("name", ["sgd_momentum", "rmsprop"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_stage_0_is_packed_and_exact_too(name, mesh_name):
+    # parameters in the state's layout (as at stage 3): summed in the buffers
+    check_fused_equals_per_leaf(name, 0, mesh_name, "mixed")
+
+
 def check_fused_equals_per_leaf(name, stage, mesh_name, tree):
     fused_params, fused = run(name, stage, mesh_name, True, tree)
     leaf_params, per_leaf = run(name, stage, mesh_name, False, tree)
