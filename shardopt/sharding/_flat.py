@@ -246,6 +246,6 @@ class ShardedFlatLayout(PackedStateViews):
 
 
 def _concrete(xs: Any) -> bool:
-    return all(
-        isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in xs
-    )
+    """True unless a leaf is traced: live arrays (or host arrays, which
+    :meth:`ShardedFlatLayout.pack` places first) go through a compiled call."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
