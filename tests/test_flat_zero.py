@@ -144,18 +144,16 @@ def check_fused_equals_per_leaf(name, stage, mesh_name, tree):
 
 
 # Adam's bias correction, m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps), is not
-# compiled alike in every program. XLA's algebraic simplifier turns the
-# division by the broadcast scalar 1 - b1^t into a multiplication by its
-# reciprocal where that scalar has one use, but rewrites (a / b) / c as
-# a / (b * c) where it has several, which rounds some elements otherwise (by
-# an ulp). A per-leaf step under a plan has several uses (the SPMD
-# partitioner's common-subexpression pass merges the leaves' equal scalars),
-# as has a fused step with two buffers ("mixed": a float32 and a bfloat16
-# one); a fused step with one buffer ("float32") has one, and so has a step on
-# one device without a plan, where each leaf computes its own scalar. The
-# float32 tree's fused step gives the one-device numbers (next test), not the
-# per-leaf plan step's; the mixed tree's gives the per-leaf plan step's, not
-# the one-device ones. Transforms without a bias correction are equal
+# compiled alike in every program: XLA either multiplies by the scalar's
+# reciprocal or rewrites (a / b) / c as a / (b * c), which rounds some elements
+# otherwise (by an ulp). In the programs' HLO the first came where the scalar
+# 1 - b1^t had one use (a fused step with one buffer; a step on one device,
+# where each leaf computes its own), the second where it had several (a
+# per-leaf step under a plan: the SPMD partitioner's common-subexpression pass
+# merges the leaves' equal scalars). A fused step with a float32 and a
+# bfloat16 buffer ("mixed") gives the per-leaf plan step's numbers, not the
+# one-device ones; with one buffer ("float32") the one-device numbers, not the
+# per-leaf plan step's. Transforms without a bias correction are equal
 # everywhere.
 BIAS_CORRECTED = ["adam", "adamw"]
 XLA_REWRITE = pytest.mark.xfail(
