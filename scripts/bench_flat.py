@@ -12,7 +12,14 @@ copy's measured bandwidth in the same run.
 
     PYTHONPATH=. python scripts/bench_flat.py [--leaves 10 100 1000 10000]
         [--total 1000000] [--repeats 30] [--per-leaf-max 1000]
-        [--max-leaves 10000]
+        [--max-leaves 10000] [--zero STAGE]
+
+``--zero STAGE`` runs both storages under ``shardopt.zero(STAGE, mesh)`` on a
+1-D data mesh of all devices (``min_size=0``; for simulated CPU devices set
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before the run): the
+flat buffers are then each device's shards packed (docs/optimizer.md, "Flat
+buffers under a ZeRO plan"), and the gradients are given in the plan's
+gradient layout. The floor is run without a plan only.
 
 Leaf-by-leaf compiles take minutes at 10,000 leaves, so storage per leaf is
 measured up to ``--per-leaf-max`` leaves only; ``--max-leaves`` drops larger
@@ -53,15 +60,22 @@ def tree(n_leaves: int, total: int) -> dict[str, jax.Array]:
 class Variant:
     """One (tree, storage) pair: its compiled step and its live arrays.
 
-    ``storage``: "flat" or "per leaf" (AdamW with ``fuse=True``/``False``), or
-    "floor" (``p + g`` leaf by leaf, no optimizer).
+    ``storage``: "flat" or "per leaf" (AdamW with ``fuse=True``/``False``,
+    under ``shardopt.zero(zero, mesh)`` where ``zero`` is a stage), or
+    "floor" (``p + g`` leaf by leaf, no optimizer; without a plan only).
     """
 
-    def __init__(self, n_leaves: int, total: int, storage: str):
+    def __init__(self, n_leaves: int, total: int, storage: str, zero: int | None):
         self.name = f"{n_leaves} leaves, {storage}"
         self.n_leaves, self.storage = n_leaves, storage
         self.params = tree(n_leaves, total)
         self.grads = jax.tree.map(lambda x: x * 0.5 + 1e-3, self.params)
+        plan = None
+        if zero is not None:
+            mesh = jax.make_mesh((jax.device_count(),), ("data",))
+            plan = shardopt.zero(zero, mesh, min_size=0)
+            self.params = plan.shard_params(self.params)
+            self.grads = jax.device_put(self.grads, plan.grad_shardings(self.params))
         if storage == "floor":
             self.opt_arrays = None
 
@@ -70,7 +84,9 @@ class Variant:
 
         else:
             fuse = storage == "flat"
-            opt = shardopt.Optimizer(shardopt.adamw(1e-3), self.params, fuse=fuse)
+            opt = shardopt.Optimizer(
+                shardopt.adamw(1e-3), self.params, plan=plan, fuse=fuse
+            )
             self.opt_arrays, static = eqx.partition(opt, eqx.is_array)
 
             def step(params, opt_arrays, grads):
@@ -120,6 +136,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--per-leaf-max", type=int, default=1000)
     parser.add_argument("--max-leaves", type=int, default=10000)
+    parser.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3))
     args = parser.parse_args()
     args.leaves = [n for n in args.leaves if n <= args.max_leaves]
 
@@ -127,6 +144,11 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__}, {jax.devices()[0].platform}, "
         f"{args.total:,} float32 parameters, AdamW"
+        + (
+            ""
+            if args.zero is None
+            else f", ZeRO stage {args.zero} on {jax.device_count()} devices"
+        )
     )
     print(f"# load average at start: {load()}", flush=True)
     variants = []
@@ -134,7 +156,9 @@ def main() -> None:
         for storage in ("flat", "per leaf", "floor"):
             if storage == "per leaf" and n > args.per_leaf_max:
                 continue
-            variants.append(Variant(n, args.total, storage))
+            if storage == "floor" and args.zero is not None:
+                continue
+            variants.append(Variant(n, args.total, storage, args.zero))
             v = variants[-1]
             print(
                 f"compiled {v.name}: trace {v.trace_s:.2f} s, "

@@ -15,6 +15,7 @@ shows where it mirrors them (``ScaleByAdamState(count, mu=Packed(...), ...)``).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -38,8 +39,47 @@ def is_packed(x: Any) -> bool:
     return isinstance(x, Packed)
 
 
+class PackedStateViews(abc.ABC):
+    """What a layout does to a whole optimizer state, given its ``pack`` and
+    ``unpack``: show it per leaf (:meth:`view`) and pack it back
+    (:meth:`pack_state`). Shared by :class:`FlatLayout` and the ZeRO plan's
+    :class:`~shardopt.sharding._flat.ShardedFlatLayout`."""
+
+    @abc.abstractmethod
+    def pack(self, tree: PyTree) -> Packed:
+        """The leaves of ``tree`` (the parameters' structure) in buffers."""
+
+    @abc.abstractmethod
+    def unpack(self, packed: Packed) -> PyTree:
+        """The tree of :meth:`pack`'s input again, from the buffers."""
+
+    def view(self, state: PyTree) -> PyTree:
+        """``state`` with every :class:`Packed` node unpacked: the per-leaf state
+        the transform would have made on the parameter tree itself."""
+        return jax.tree.map(
+            lambda x: self.unpack(x) if is_packed(x) else x, state, is_leaf=is_packed
+        )
+
+    def pack_state(self, state: PyTree, like: PyTree) -> PyTree:
+        """The inverse of :meth:`view`: ``state`` (per leaf) packed where ``like``
+        (a packed state of the same transform) holds :class:`Packed` nodes."""
+        nodes, outer = jax.tree.flatten(like, is_leaf=is_packed)
+        try:
+            parts = outer.flatten_up_to(state)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                "the state given is not laid out like this optimizer's state "
+                f"(per parameter): {err}"
+            ) from err
+        packed = [
+            _placed_like(self.pack(part), node) if is_packed(node) else part
+            for node, part in zip(nodes, parts, strict=True)
+        ]
+        return outer.unflatten(packed)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class FlatLayout:
+class FlatLayout(PackedStateViews):
     """Where each trainable leaf lives in the buffers: group, offset, shape.
 
     Leaves are grouped by dtype, in order of first appearance; within a group
@@ -155,30 +195,6 @@ class FlatLayout:
                     leaves[i] = _placed(leaves[i], buffer.sharding)
         return self.treedef.unflatten(leaves)
 
-    def view(self, state: PyTree) -> PyTree:
-        """``state`` with every :class:`Packed` node unpacked: the per-leaf state
-        the transform would have made on the parameter tree itself."""
-        return jax.tree.map(
-            lambda x: self.unpack(x) if is_packed(x) else x, state, is_leaf=is_packed
-        )
-
-    def pack_state(self, state: PyTree, like: PyTree) -> PyTree:
-        """The inverse of :meth:`view`: ``state`` (per leaf) packed where ``like``
-        (a packed state of the same transform) holds :class:`Packed` nodes."""
-        nodes, outer = jax.tree.flatten(like, is_leaf=is_packed)
-        try:
-            parts = outer.flatten_up_to(state)
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                "the state given is not laid out like this optimizer's state "
-                f"(per parameter): {err}"
-            ) from err
-        packed = [
-            _placed_like(self.pack(part), node) if is_packed(node) else part
-            for node, part in zip(nodes, parts, strict=True)
-        ]
-        return outer.unflatten(packed)
-
 
 def _slices(buffer: jax.Array, starts: list[int]) -> list[jax.Array]:
     """``buffer`` cut at ``starts`` (ascending, the first 0) into pieces."""
@@ -279,7 +295,14 @@ def _leaf_sharding(buffer: jax.ShapeDtypeStruct) -> Any:
 
 def flat_layout(transform: Any, params: PyTree, fuse: bool | None) -> FlatLayout | None:
     """The layout an optimizer of ``transform`` over the trainable ``params``
-    packs them in, or ``None`` to keep its state leaf by leaf.
+    packs them in, or ``None`` to keep its state leaf by leaf (see
+    :func:`wants_flat`)."""
+    return FlatLayout.of(params) if wants_flat(transform, params, fuse) else None
+
+
+def wants_flat(transform: Any, params: PyTree, fuse: bool | None) -> bool:
+    """Whether an optimizer of ``transform`` over the trainable ``params``
+    packs them into flat buffers, with or without a ZeRO plan.
 
     ``fuse=True`` packs wherever the transform is elementwise; ``False``
     never; ``None`` (the default) where it is elementwise and the tree has at
@@ -288,11 +311,9 @@ def flat_layout(transform: Any, params: PyTree, fuse: bool | None) -> FlatLayout
     ``fuse`` is checked by the caller (:func:`check_fuse`).
     """
     if fuse is False or not is_elementwise(transform):
-        return None
+        return False
     n_leaves = len(jax.tree.leaves(params))
-    if n_leaves == 0 or (fuse is None and n_leaves < AUTO_MIN_LEAVES):
-        return None
-    return FlatLayout.of(params)
+    return n_leaves > 0 and (fuse is True or n_leaves >= AUTO_MIN_LEAVES)
 
 
 def check_fuse(fuse: Any) -> None:

@@ -23,7 +23,7 @@ from ._base import (
     transforms_in,
     update_with_extra_args,
 )
-from ._flat import FlatLayout, Packed, check_fuse, flat_layout
+from ._flat import FlatLayout, Packed, check_fuse, flat_layout, wants_flat
 from ._hyperparams import hyperparameter_fields
 from ._interop import as_transform
 from ._transforms._groups import GroupsState, find_groups
@@ -36,8 +36,9 @@ from ._tree import (
     trainable,
 )
 from ._tree_math import add
+from .sharding._flat import ShardedFlatLayout
 from .sharding._matrix import matrix_layout
-from .sharding._offload import state_on_device
+from .sharding._offload import DEVICE_MEMORY, state_on_device
 from .sharding._plan import ShardingPlan
 
 _KEEP = object()  # Optimizer._replaced: this part is kept
@@ -75,13 +76,16 @@ class Optimizer(eqx.Module):
 
     Flat buffers (``fuse``): when the transform is elementwise (see
     :meth:`~shardopt.AbstractTransform.is_elementwise`: adam, adamw, sgd,
-    lion, rmsprop, ... without masks or clipping) and there is no plan, the
-    trainable leaves of each dtype can be packed into one buffer at init, so
-    that the update runs once per buffer. ``fuse=None`` (the default) packs
-    trees of at least ``shardopt._flat.AUTO_MIN_LEAVES`` (256) leaves, where
-    it was measured faster (docs/benchmarks.md, "Flat buffers"); ``True``
-    packs whenever the transform is elementwise, ``False`` never.
-    ``opt.state`` shows the state per leaf either way.
+    lion, rmsprop, ... without masks or clipping), the trainable leaves of
+    each dtype can be packed into one buffer at init, so that the update
+    runs once per buffer. ``fuse=None`` (the default) packs trees of at
+    least ``shardopt._flat.AUTO_MIN_LEAVES`` (256) leaves, where it was
+    measured faster (docs/benchmarks.md, "Flat buffers"); ``True`` packs
+    whenever the transform is elementwise, ``False`` never. Under a plan
+    each device's part of a buffer is its own shards of the leaves
+    (:class:`~shardopt.sharding._flat.ShardedFlatLayout`): the same bytes per
+    device and the same collectives as per leaf. ``opt.state`` shows the
+    state per leaf either way.
 
     The transform's leaves are stored flat (``transform_leaves``, their tree
     structure in a static field): flattening the optimizer, which a jitted
@@ -97,7 +101,7 @@ class Optimizer(eqx.Module):
     count: Array
     transform_structure: TreeStructure = eqx.field(static=True)
     plan: ShardingPlan | None = eqx.field(static=True, default=None)
-    layout: FlatLayout | None = eqx.field(static=True, default=None)
+    layout: FlatLayout | ShardedFlatLayout | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -117,8 +121,8 @@ class Optimizer(eqx.Module):
         if plan is not None:
             plan = plan.bind(params)
             self.plan = plan
-            transform, self.stored_state, self.count = _init_sharded(
-                transform, params, plan
+            transform, self.stored_state, self.count, self.layout = _init_sharded(
+                transform, params, plan, fuse
             )
             self.transform_leaves, self.transform_structure = _flat(transform)
             return
@@ -260,8 +264,16 @@ class Optimizer(eqx.Module):
         self, params: Params, tp: Params, grads: PyTree, extra_args: dict
     ) -> tuple[Params, Optimizer]:
         """The step on flat buffers: pack the gradients and parameters, run the
-        (elementwise) transform once per buffer, add, and unpack the sums."""
-        layout = self.layout
+        (elementwise) transform once per buffer, add, and unpack the sums.
+
+        Under a plan ``tp`` and ``grads`` come in the plan's mirrored layout,
+        and each device packs and unpacks its own shards (no collective). At
+        stages 0 and 3 the parameters are stored in that layout, so the sums
+        are taken in the buffers as without a plan; at stages 1 and 2 the
+        updates are unpacked and go back to the parameters' layout (the
+        per-leaf step's all-gathers) to be added there.
+        """
+        layout, plan = self.layout, self.plan
         layout.check(tp, "parameters")
         packed_params, packed_grads = layout.pack(tp), layout.pack(grads)
         updates, state = update_with_extra_args(
@@ -269,6 +281,16 @@ class Optimizer(eqx.Module):
         )
         if _debug.active():
             _debug.check_step(self.count, grads, layout.unpack(updates))
+        count = safe_increment(self.count)
+        if plan is not None:
+            state = plan.constrain(state, layout.state_shardings(state, plan))
+            count = plan.constrain(count, plan.replicated())
+        if plan is not None and plan.stage in (1, 2):
+            param_shardings = plan.param_shardings(tp)
+            updates = plan.constrain(layout.unpack(updates), param_shardings)
+            new_params = apply_updates(params, updates)
+            new_params = _constrain_trainable(plan, new_params, param_shardings)
+            return new_params, self._replaced(state=state, count=count)
         summed = Packed(
             tuple(
                 add(p, u).astype(p.dtype)
@@ -282,8 +304,7 @@ class Optimizer(eqx.Module):
             params,
             is_leaf=lambda x: x is None,
         )
-        new_self = self._replaced(state=state, count=safe_increment(self.count))
-        return new_params, new_self
+        return new_params, self._replaced(state=state, count=count)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter of the transform by name (a value or a schedule)."""
@@ -382,16 +403,19 @@ def _on_whole(fn: Any, rest: Params, returns_grads: bool) -> Any:
 
 
 def _init_sharded(
-    transform: AbstractTransform, params: Params, plan: ShardingPlan
-) -> tuple[AbstractTransform, State, Array]:
-    """The transform, state and count, placed straight into the plan's layout.
+    transform: AbstractTransform, params: Params, plan: ShardingPlan, fuse: Any
+) -> tuple[AbstractTransform, State, Array, ShardedFlatLayout | None]:
+    """The transform, state, count and flat layout (or None), placed straight
+    into the plan's layout.
 
     Concrete parameters: ``transform.init`` runs under ``jax.jit`` with the
     plan's out-shardings, so no device ever holds the whole state. Abstract
     parameters: ``ShapeDtypeStruct`` s carrying the plan's shardings. The
     transform's array leaves (hyperparameters, schedule numbers) are
     replicated on the mesh, so every leaf of a sharded optimizer is a global
-    array that Orbax can save from any number of processes.
+    array that Orbax can save from any number of processes. Where the state
+    is packed (:func:`_sharded_flat_layout`), init runs on the packed
+    parameters.
     """
     transform = plan.replicate(transform)
     tp = trainable(params)
@@ -400,6 +424,13 @@ def _init_sharded(
     plan.check_overrides(params, abstract_state)
     plan.check_partitions_something(params)
     shardings = plan.state_shardings(abstract_state, params)
+    layout = _sharded_flat_layout(transform, params, plan, fuse, abstract_state)
+    pack = lambda p: p
+    if layout is not None:
+        mirror = plan._to_shardings(plan.mirror_specs(tp))
+        pack = lambda p: layout.pack(plan.constrain(p, mirror))
+        abstract_state = jax.eval_shape(transform.init, layout.pack(abstract_tp))
+        shardings = layout.state_shardings(abstract_state, plan)
     count_sharding = plan.replicated()
     if _is_abstract(tp):
         state = jax.tree.map(
@@ -408,15 +439,41 @@ def _init_sharded(
             shardings,
         )
         count = jax.ShapeDtypeStruct((), jnp.int32, sharding=count_sharding)
-        return transform, state, count
+        return transform, state, count, layout
     plan.check_on_mesh(tp, "parameter")
     dynamic, static = eqx.partition(transform, eqx.is_array)
-    init = jax.jit(lambda d, p: eqx.combine(d, static).init(p), out_shardings=shardings)
+    init = jax.jit(
+        lambda d, p: eqx.combine(d, static).init(pack(p)), out_shardings=shardings
+    )
     state = init(dynamic, tp)
     # from the host, like a hyperparameter: a jitted zeros would compile anew
     # for every Optimizer built (a fresh lambda each time)
     count = plan.replicate(np.zeros((), np.int32))
-    return transform, state, count
+    return transform, state, count, layout
+
+
+def _sharded_flat_layout(
+    transform: AbstractTransform,
+    params: Params,
+    plan: ShardingPlan,
+    fuse: Any,
+    per_leaf_state: State,
+) -> ShardedFlatLayout | None:
+    """The flat layout under ``plan``, where ``fuse`` asks for one (the rule
+    without a plan, :func:`~shardopt._flat.wants_flat`) and it is exact: the
+    packed state must be laid out as the plan lays out ``per_leaf_state``
+    (no state override giving a moment another layout than its parameter's
+    mirror), and the state is kept in device memory (no offload)."""
+    tp = trainable(params)
+    if not wants_flat(transform, tp, fuse):
+        return None
+    if plan.state_memory_kind not in (None, DEVICE_MEMORY):
+        return None
+    layout = ShardedFlatLayout.of(plan, tp)
+    abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
+    packed = jax.eval_shape(transform.init, layout.pack(abstract_tp))
+    specs = plan.state_specs(per_leaf_state, params)
+    return layout if layout.matches_plan(packed, specs) is None else None
 
 
 def _constrain_trainable(plan: ShardingPlan, params: Params, shardings) -> Params:

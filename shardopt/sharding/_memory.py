@@ -152,7 +152,7 @@ def memory_report(plan, params: PyTree, opt_or_transform: Any) -> MemoryReport:
         transform = as_transform(opt_or_transform, "memory_report")
         state = jax.eval_shape(transform.init, abstract_tp)
     else:  # an Optimizer (or anything holding a state)
-        state = opt_or_transform.state
+        state = _per_leaf_state(opt_or_transform)
     devices = tuple(d.id for d in plan.mesh.devices.flat)
     n = len(devices)
     layout = plan.layout(params)
@@ -187,6 +187,18 @@ def memory_report(plan, params: PyTree, opt_or_transform: Any) -> MemoryReport:
     return MemoryReport(devices, tuple(rows), plan.stage, plan.data_size)
 
 
+def _per_leaf_state(opt: Any) -> PyTree:
+    """The state per leaf, as the plan places it. An optimizer that stores
+    it in flat buffers shows it per leaf by unpacking: here only its shapes
+    are taken (``jax.eval_shape``), so nothing is allocated. Its buffers hold
+    on each device exactly the bytes of the per-leaf state's shards there
+    (see :mod:`shardopt.sharding._flat`), so the rows are those bytes."""
+    layout = getattr(opt, "layout", None)
+    if layout is None:
+        return opt.state
+    return jax.eval_shape(layout.view, opt.stored_state)
+
+
 def measure_memory(
     devices: Any,
     *,
@@ -198,8 +210,8 @@ def measure_memory(
 
     ``devices`` is a mesh (or a list of devices) fixing the column order. Pass
     any of ``params`` (trainable leaves are counted), ``grads`` and ``opt``
-    (its ``state`` and ``count``). Each leaf's memory is its sharding's
-    ``memory_kind``.
+    (its state as stored, flat buffers where fused, and ``count``). Each
+    leaf's memory is its sharding's ``memory_kind``.
     """
     if hasattr(devices, "devices"):
         devices = list(devices.devices.flat)
@@ -226,7 +238,7 @@ def measure_memory(
         add("params", trainable(params))
     if grads is not None:
         add("grads", trainable(grads))
-    if opt is not None:
-        add("state", opt.state)
+    if opt is not None:  # as stored: flat buffers where fused
+        add("state", getattr(opt, "stored_state", opt.state))
         add("state", opt.count, prefix=".count")
     return MemoryReport(ids, tuple(rows))
