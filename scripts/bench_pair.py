@@ -7,6 +7,10 @@ machine's noise alone moves a ratio), then runs them interleaved, the order
 reversing each round, and prints each side's median update time and its
 ratio to optax's, with the ratio of the minima in brackets.
 
+``--devices 8`` runs each case on a mesh of that many devices under
+``shardopt.zero(--stage, mesh)``, against optax sharded by hand to the same
+layout (the suite's "optax sharded").
+
 ``--base DIR`` adds an older shardopt: DIR holds it as a package named
 ``shardopt_base``, e.g.::
 
@@ -31,24 +35,33 @@ import statistics
 import sys
 
 import bench
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import shardopt
 
 
-def build(case: str, base: object) -> dict:
+def build(case: str, base: object, devices: int, stage: int) -> dict:
     optimizer, model_name = case.split(":")
     make_s, make_o = bench.OPTIMIZERS[optimizer]
     model, loss, batch = bench.MODELS[model_name]()
+    mesh = plan = None
+    if devices > 1:  # as the suite's sections: optax sharded by hand to the plan
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+        plan = shardopt.zero(stage, mesh, min_size=64)
+        batch = tuple(jax.device_put(b, NamedSharding(mesh, P("data"))) for b in batch)
     packages = {"shardopt": shardopt} | ({"before": base} if base else {})
     sides = {}
     for name, package in packages.items():
         bench.shardopt = package  # the suite's constructors read this global
         try:
-            sides[name] = bench.shardopt_sides(make_s, model, loss, batch, None)[0]
+            sides[name] = bench.shardopt_sides(make_s, model, loss, batch, plan)[0]
         finally:
             bench.shardopt = shardopt
     for name in ("optax", "optax again"):
-        sides[name] = bench.optax_side(make_o, model, loss, batch, None, None)
+        sides[name] = bench.optax_side(make_o, model, loss, batch, plan, mesh)
     for side in sides.values():
         side.step = None  # the update alone
         side.warm_up()
@@ -60,6 +73,10 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="optimizer:model, e.g. sgd:leaves10")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--base", default=None, help="a directory with shardopt_base")
+    parser.add_argument(
+        "--devices", type=int, default=1, help="on a mesh: optax sharded by hand"
+    )
+    parser.add_argument("--stage", type=int, default=1, help="ZeRO stage on a mesh")
     args = parser.parse_args()
     base = None
     if args.base:
@@ -67,7 +84,7 @@ def main() -> None:
         base = importlib.import_module("shardopt_base")
     print(bench.machine())
     for case in args.cases:
-        sides = build(case, base)
+        sides = build(case, base, args.devices, args.stage)
         load = os.getloadavg()[0]
         for r in range(args.rounds):
             for side in list(sides.values())[:: 1 if r % 2 == 0 else -1]:
