@@ -53,6 +53,24 @@ class PackedStateViews(abc.ABC):
     def unpack(self, packed: Packed) -> PyTree:
         """The tree of :meth:`pack`'s input again, from the buffers."""
 
+    # A layout is a static field of a jitted Module, hashed and compared on
+    # every call: each subclass hashes its fields once, at construction.
+    _hash: int
+
+    @abc.abstractmethod
+    def _identity(self) -> tuple:
+        """The fields that make two layouts of this class equal."""
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self) or self._hash != other._hash:
+            return False
+        return self._identity() == other._identity()
+
     def view(self, state: PyTree) -> PyTree:
         """``state`` with every :class:`Packed` node unpacked: the per-leaf state
         the transform would have made on the parameter tree itself."""
@@ -124,19 +142,8 @@ class FlatLayout(PackedStateViews):
         )
         return cls(*fields, _hash=hash(fields))
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if not isinstance(other, FlatLayout) or self._hash != other._hash:
-            return False
-        return (self.treedef, self.shapes, self.groups) == (
-            other.treedef,
-            other.shapes,
-            other.groups,
-        )
+    def _identity(self) -> tuple:
+        return (self.treedef, self.shapes, self.groups)
 
     @property
     def n_leaves(self) -> int:

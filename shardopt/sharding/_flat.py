@@ -78,20 +78,8 @@ class ShardedFlatLayout(PackedStateViews):
         fields = (whole, local, specs, plan.mesh)
         return cls(*fields, _hash=hash(fields))
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if not isinstance(other, ShardedFlatLayout) or self._hash != other._hash:
-            return False
-        return (self.whole, self.local, self.specs, self.mesh) == (
-            other.whole,
-            other.local,
-            other.specs,
-            other.mesh,
-        )
+    def _identity(self) -> tuple:
+        return (self.whole, self.local, self.specs, self.mesh)
 
     # ---------------------------------------------------------------- shape
     @property
