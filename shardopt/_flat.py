@@ -332,7 +332,7 @@ def check_fuse(fuse: Any) -> None:
         )
 
 
-# the leaf count from which fuse=None packs (see flat_layout)
+# the leaf count from which fuse=None packs (see wants_flat)
 AUTO_MIN_LEAVES = 256
 
 

@@ -424,12 +424,14 @@ def _init_sharded(
     plan.check_overrides(params, abstract_state)
     plan.check_partitions_something(params)
     shardings = plan.state_shardings(abstract_state, params)
-    layout = _sharded_flat_layout(transform, params, plan, fuse, abstract_state)
+    layout, packed_state = _sharded_flat_layout(
+        transform, params, plan, fuse, abstract_state
+    )
     pack = lambda p: p
     if layout is not None:
         mirror = plan._to_shardings(plan.mirror_specs(tp))
         pack = lambda p: layout.pack(plan.constrain(p, mirror))
-        abstract_state = jax.eval_shape(transform.init, layout.pack(abstract_tp))
+        abstract_state = packed_state
         shardings = layout.state_shardings(abstract_state, plan)
     count_sharding = plan.replicated()
     if _is_abstract(tp):
@@ -458,22 +460,26 @@ def _sharded_flat_layout(
     plan: ShardingPlan,
     fuse: Any,
     per_leaf_state: State,
-) -> ShardedFlatLayout | None:
-    """The flat layout under ``plan``, where ``fuse`` asks for one (the rule
-    without a plan, :func:`~shardopt._flat.wants_flat`) and it is exact: the
-    packed state must be laid out as the plan lays out ``per_leaf_state``
-    (no state override giving a moment another layout than its parameter's
-    mirror), and the state is kept in device memory (no offload)."""
+) -> tuple[ShardedFlatLayout | None, State | None]:
+    """The flat layout under ``plan`` and the (abstract) state packed in it,
+    where ``fuse`` asks for one (the rule without a plan,
+    :func:`~shardopt._flat.wants_flat`) and it is exact: the packed state
+    must be laid out as the plan lays out ``per_leaf_state`` (no state
+    override giving a moment another layout than its parameter's mirror),
+    and the state is kept in device memory (no offload). ``(None, None)``
+    where the state stays per leaf."""
     tp = trainable(params)
     if not wants_flat(transform, tp, fuse):
-        return None
+        return None, None
     if plan.state_memory_kind not in (None, DEVICE_MEMORY):
-        return None
+        return None, None
     layout = ShardedFlatLayout.of(plan, tp)
     abstract_tp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tp)
     packed = jax.eval_shape(transform.init, layout.pack(abstract_tp))
     specs = plan.state_specs(per_leaf_state, params)
-    return layout if layout.matches_plan(packed, specs) is None else None
+    if layout.matches_plan(packed, specs) is not None:
+        return None, None
+    return layout, packed
 
 
 def _constrain_trainable(plan: ShardingPlan, params: Params, shardings) -> Params:

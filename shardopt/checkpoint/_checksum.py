@@ -25,39 +25,31 @@ KNOWN = (ALGORITHM, "crc32", "adler32")  # what a restore can check
 
 
 class Hasher(Protocol):
-    """A running checksum: bytes fed in order, the value of all so far."""
+    """A running checksum, as ``xxhash.xxh3_64()`` is one: bytes fed in order
+    (``update``), the value of all so far (``intdigest``)."""
 
     def update(self, data: np.ndarray) -> None: ...
 
-    def value(self) -> int: ...
-
-
-class _Xxh3:
-    def __init__(self) -> None:
-        self._state = xxhash.xxh3_64()
-
-    def update(self, data: np.ndarray) -> None:
-        self._state.update(data)
-
-    def value(self) -> int:
-        return self._state.intdigest()
+    def intdigest(self) -> int: ...
 
 
 class _Zlib:
+    """zlib's CRC-32 or Adler-32 as a :class:`Hasher`."""
+
     def __init__(self, function, initial: int) -> None:
         self._function, self._value = function, initial
 
     def update(self, data: np.ndarray) -> None:
         self._value = self._function(data, self._value)
 
-    def value(self) -> int:
+    def intdigest(self) -> int:
         return self._value
 
 
 def hasher(algorithm: str = ALGORITHM) -> Hasher:
     """A new running checksum of ``algorithm`` (one of :data:`KNOWN`)."""
     if algorithm == "xxh3_64":
-        return _Xxh3()
+        return xxhash.xxh3_64()
     if algorithm == "crc32":
         return _Zlib(zlib.crc32, 0)
     if algorithm == "adler32":
@@ -76,7 +68,7 @@ def digest(x: np.ndarray, algorithm: str = ALGORITHM) -> int:
     """The checksum of an array's bytes in row-major order."""
     running = hasher(algorithm)
     running.update(as_bytes(x))
-    return running.value()
+    return running.intdigest()
 
 
 def recorded(record: Record) -> tuple[str, int | None]:

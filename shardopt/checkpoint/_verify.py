@@ -141,7 +141,7 @@ def _region_digest(region, shards, data, dtype, algorithm) -> int | None:
         for a in range(start, stop, rows):
             band = [[a, min(a + rows, stop)], *region[1:]]
             running.update(as_bytes(_band(band, shards, data, dtype, scratch)))
-    return running.value()
+    return running.intdigest()
 
 
 def _band(band, shards, data, dtype, scratch=None) -> np.ndarray:
