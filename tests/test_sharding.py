@@ -344,3 +344,85 @@ def test_same_grads_give_bitwise_equal_params(stage, kind):
         np.testing.assert_allclose(
             np.asarray(params[key]), np.asarray(want), rtol=1e-6, atol=1e-8
         )
+
+
+# ------------------------------------------------------------ bfloat16 sums
+def _bfloat16(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bfloat16_gradients_on_a_data_by_model_mesh(stage, kind):
+    """XLA:CPU aborted the process compiling a bfloat16 all-reduce (stage 1)
+    or reduce-scatter (stage 2) in a shard_map over the data axis of a data x
+    model mesh; the sums are now written out in float32 on CPU."""
+    mesh = mesh_of("4x2", kind)
+    _, _, data_axes, specs = MESHES["4x2"]
+    plan = shardopt.zero(stage, mesh, data_axes, min_size=0)
+    params = plan.shard_params(_bfloat16(make_params()), specs)
+    x, y = _bfloat16(batch_on(mesh, data_axes, 0))
+    _, grads = eqx.filter_jit(plan.value_and_grad(loss))(params, x, y)
+    want = jax.grad(loss_1dev)(_bfloat16(make_params()), *_bfloat16(make_batch(0)))
+    for key in SHAPES:
+        assert grads[key].dtype == jnp.bfloat16, key
+        # bfloat16 forward and backward, summed over shards in another order
+        np.testing.assert_allclose(
+            np.asarray(grads[key], np.float32),
+            np.asarray(want[key], np.float32),
+            rtol=2**-5,
+            atol=2**-9,
+        )
+
+
+def test_bfloat16_sums_are_xlas_own():
+    """On a 1-D mesh, where XLA:CPU compiles bfloat16 collectives, the float32
+    sums of all_reduce_mean and reduce_scatter_mean give its numbers bit for
+    bit (it promotes them to float32 itself)."""
+    mesh = mesh_of("8", "auto")
+    keys = jax.random.split(jax.random.key(7), 2)
+    tree = [jax.random.normal(k, (64, 24), jnp.bfloat16) * 9 for k in keys]
+    tree = jax.device_put(tree, NamedSharding(mesh, P("data")))
+
+    def on_shards(fn):
+        return jax.jit(
+            jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+        )
+
+    ours = on_shards(
+        lambda t: [
+            *sh.all_reduce_mean(t, "data"),
+            *sh.reduce_scatter_mean(t, "data", [0, 0]),  # one bucket of two
+        ]
+    )(tree)
+    xlas = on_shards(
+        lambda t: [
+            *(jax.lax.psum(x, "data") / jnp.asarray(8, x.dtype) for x in t),
+            *(
+                jax.lax.psum_scatter(x, "data", tiled=True) / jnp.asarray(8, x.dtype)
+                for x in t
+            ),
+        ]
+    )(tree)
+    for got, want in zip(ours, xlas, strict=True):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16)
+        )
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_an_unbound_plan_reads_explicit_layouts_inside_jit(stage):
+    """On Explicit axes a traced parameter's type carries its tensor-parallel
+    layout: the plan given to ``zero`` works inside jit as the Optimizer's
+    bound ``opt.plan`` does (it had read every layout as replicated and
+    failed in the reduce-scatter's packing)."""
+    mesh, plan, params, opt = setup(stage, "4x2", "explicit")
+    x, y = batch_on(mesh, ("data",), 0)
+    unbound = eqx.filter_jit(plan.value_and_grad(loss))(params, x, y)
+    bound = eqx.filter_jit(opt.plan.value_and_grad(loss))(params, x, y)
+    assert np.asarray(unbound[0]) == np.asarray(bound[0])
+    for key in SHAPES:
+        got, want = unbound[1][key], bound[1][key]
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim), key
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

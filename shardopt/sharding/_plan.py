@@ -543,7 +543,9 @@ class ShardingPlan:
 def _sharding_of(leaf: Any, explicit: bool) -> Any:
     """A leaf's sharding, or None. On Auto mesh axes a tracer carries none,
     and asking raises an error whose message JAX builds by walking the jaxpr
-    (about 10 ms a leaf, for every leaf of a traced step)."""
-    if isinstance(leaf, jax.core.Tracer) and not explicit:
-        return None
+    (about 10 ms a leaf, for every leaf of a traced step). On Explicit axes a
+    tracer's type carries it (on an abstract mesh); ``.sharding`` is not
+    available on tracers."""
+    if isinstance(leaf, jax.core.Tracer):
+        return jax.typeof(leaf).sharding if explicit else None
     return getattr(leaf, "sharding", None)
