@@ -1,10 +1,11 @@
 """Property-based tests (hypothesis): random trees, meshes, ZeRO stages, rows.
 
 Trees have 1-3 leaves of random shapes (scalars and zero-size leaves included)
-in float32, bfloat16 or float16; meshes have 1, 2, 4 or 8 devices, 1-D or 2-D;
-stages are 0-3; the optimizers are rows of the conformance table whose math
-is elementwise (so sharding cannot change a bit). Examples are few and
-bounded (each one compiles), so the file runs in well under a minute.
+in float32, bfloat16 or float16; meshes have 1, 2, 4 or 8 devices, 1-D or 2-D,
+with Auto or Explicit axes; stages are 0-3; the optimizers are rows of the
+conformance table whose math is elementwise (so sharding cannot change a bit).
+Examples are few and bounded (each one compiles), so the file runs in well
+under a minute.
 """
 
 from __future__ import annotations
@@ -57,11 +58,16 @@ def trees(draw):
 
 @st.composite
 def meshes(draw):
+    """1, 2, 4 or 8 devices, 1-D or data x model, with Auto or Explicit axes."""
     n = draw(st.sampled_from([1, 2, 4, 8]))
     devices = np.array(jax.devices()[:n])
     if n >= 4 and draw(st.booleans()):
-        return Mesh(devices.reshape(n // 2, 2), ("data", "model"))
-    return Mesh(devices, ("data",))
+        shape, names = (n // 2, 2), ("data", "model")
+    else:
+        shape, names = (n,), ("data",)
+    if draw(st.booleans()):
+        return jax.make_mesh(shape, names, devices=devices.flat)  # Explicit
+    return Mesh(devices.reshape(shape), names)
 
 
 def bitwise(a, b) -> bool:
@@ -81,14 +87,18 @@ def grads_for(params, i):
     )
 
 
-def run(params, transform, plan, steps=2):
-    if plan is not None:
-        params = plan.shard_params(params)
+def optimizer(transform, params, plan):
     try:
-        opt = shardopt.Optimizer(transform, params, plan=plan)
+        return shardopt.Optimizer(transform, params, plan=plan)
     except ValueError as err:  # a stage >= 1 plan that would partition nothing
         reject() if "partitioned none" in str(err) else None
         raise
+
+
+def run(params, transform, plan, steps=2):
+    if plan is not None:
+        params = plan.shard_params(params)
+    opt = optimizer(transform, params, plan)
     for i in range(steps):
         params, opt = opt.step(params, grads_for(params, i))
     return params, opt
@@ -127,7 +137,7 @@ def test_save_restore_onto_another_mesh_round_trips(
         ckpt.save(1, params=params, opt=opt)
     load_plan = shardopt.zero(stages[1], load_mesh, min_size=0)
     like = load_plan.shard_params(jax.tree.map(jnp.zeros_like, tree))
-    like_opt = shardopt.Optimizer(ROWS[row](), like, plan=load_plan)
+    like_opt = optimizer(ROWS[row](), like, load_plan)
     got = CheckpointManager(directory).restore(params=like, opt=like_opt)
     assert bitwise(got.params, params) and bitwise(got.opt, opt)
     for x, want in zip(jax.tree.leaves(got.params), jax.tree.leaves(like), strict=True):
@@ -151,15 +161,6 @@ def test_memory_report_equals_measured_bytes(tree, mesh, stage, row):
     assert predicted.totals() == measured.totals()
 
 
-@st.composite
-def data_model_meshes(draw):
-    """Meshes as :func:`meshes` draws them, with Auto or Explicit axes."""
-    mesh = draw(meshes())
-    if not draw(st.booleans()):
-        return mesh
-    return jax.make_mesh(mesh.devices.shape, mesh.axis_names, devices=mesh.devices.flat)
-
-
 def squares(params, x):
     """Each shard's loss has gradient ``2 p`` (x is ones)."""
     total = sum(jnp.sum(p.astype(jnp.float32) ** 2) for p in jax.tree.leaves(params))
@@ -175,7 +176,7 @@ def sixteen_bits(x: jax.Array) -> jax.Array:
 
 
 @SETTINGS
-@given(tree=trees(), mesh=data_model_meshes(), stage=st.integers(0, 3))
+@given(tree=trees(), mesh=meshes(), stage=st.integers(0, 3))
 def test_plan_gradients_equal_one_devices(tree, mesh, stage):
     """``plan.value_and_grad`` (all-reduce or reduce-scatter, float16 and
     bfloat16 included, on 1-D and data x model meshes) gives one device's
