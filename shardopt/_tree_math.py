@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from ._explicit import replicated_if_explicit
+
 
 def promote(*arrays: Array) -> tuple[Array, ...]:
     """The arrays cast to their common dtype on JAX's standard promotion lattice.
@@ -140,14 +142,27 @@ def squared_norm(tree: PyTree) -> Array:
     return total
 
 
+def contract(x: Array, y: Array, accumulate: Any = None) -> Array:
+    """``<x, y>`` over every dim: one ``tensordot`` at the highest matmul
+    precision (accumulating in ``accumulate``, where given). With Explicit mesh
+    axes the scalar is asked for replicated (JAX cannot tell the layout of a
+    contraction over a sharded dim): the partitioner adds the per-shard sums."""
+    return jnp.tensordot(
+        x,
+        y,
+        x.ndim,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=accumulate,
+        out_sharding=replicated_if_explicit(x),
+    )
+
+
 def vdot(a: PyTree, b: PyTree) -> Array:
     """``sum_i <a_i, b_i>``: per leaf at the highest matmul precision in the pair's
     promoted dtype, then the dots added in leaf order (as optax's ``tree.vdot``)."""
     total = jnp.zeros([], jnp.int32)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = promote(x, y)
-        dot = jnp.tensordot(x, y, x.ndim, precision=jax.lax.Precision.HIGHEST)
-        total = add(total, dot)
+        total = add(total, contract(*promote(x, y)))
     return total
 
 

@@ -18,7 +18,7 @@ MAX_LINES = 600
 # Optimizer <- checkpoint, integrations). Modules not listed are the package's
 # re-export points (__init__.py).
 LAYERS = {
-    "core": 0,  # _base, _tree, _tree_math, _hyperparams, _interop, _microbatch, _flat
+    "core": 0,  # _base, _tree, _tree_math, _explicit, _hyperparams, _interop, ...
     "transforms": 1,  # _transforms, _schedules, _alias
     "sharding": 2,
     "optimizer": 3,
@@ -64,6 +64,7 @@ def layer(module: str) -> str | None:
         "_base",
         "_tree",
         "_tree_math",
+        "_explicit",
         "_hyperparams",
         "_interop",
         "_microbatch",

@@ -25,6 +25,7 @@ from .._base import (
     safe_increment,
     zero_count,
 )
+from .._explicit import match_sharding, replicated
 from .._hyperparams import Hyperparameter, hyperparameter
 from .._interop import as_transform
 from ._conditional import check_int
@@ -186,7 +187,10 @@ class ScaleByGalore(AbstractTransform):
             if d is None:
                 return g, projector
             to_matrix, _ = _reshapes(g, d)
-            g2 = to_matrix(g)
+            # the SVD and the projections need whole matrices: with Explicit
+            # mesh axes a sharded gradient is gathered first (as GSPMD does
+            # with Auto axes), and the update goes back to its layout (back)
+            g2 = to_matrix(replicated(g))
             m, n = g2.shape
             r = min(self.rank, m, n)
 
@@ -216,7 +220,7 @@ class ScaleByGalore(AbstractTransform):
             to_matrix, from_matrix = _reshapes(g, d)
             m, n = to_matrix(g).shape
             full = projector @ u if m >= n else u @ projector.T
-            full = from_matrix(full)
+            full = match_sharding(from_matrix(full), g)
             return (scale.astype(full.dtype) * full).astype(g.dtype)
 
         low_leaves = treedef.flatten_up_to(low_updates)

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
+from .._explicit import explicit_sharding, match_sharding
 from .._tree_math import promote
 from ._linesearch import (
     at_least_f32,
     axpy,
-    explicit_sharding,
-    match_sharding,
     require,
     scale_tree,
     tree_vdot,

@@ -12,7 +12,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
@@ -27,7 +26,7 @@ from .._hyperparams import (
     as_hyperparameter,
     resolve,
 )
-from .._tree_math import promote
+from .._tree_math import contract, promote
 
 OPEN_UNIT_INTERVAL = Domain(
     low=0.0, high=1.0, low_open=True, high_open=True, text="in (0, 1)"
@@ -147,43 +146,7 @@ def _leaf_vdot(x: Array, y: Array) -> Array:
     x, y = promote(x, y)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         x = jnp.conj(x)
-    wide = at_least_f32(x.dtype) if x.dtype.itemsize < 4 else None
-    mesh = jax.typeof(x).sharding.mesh
-    explicit = bool(mesh.axis_names) and mesh.are_all_axes_explicit
-    out = NamedSharding(mesh, PartitionSpec()) if explicit else None
-    return jnp.tensordot(
-        x,
-        y,
-        x.ndim,
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=wide,
-        out_sharding=out,
-    )
-
-
-def explicit_sharding(x: Array) -> NamedSharding | None:
-    """``x``'s sharding when its mesh has Explicit axes, else None."""
-    sharding = jax.typeof(x).sharding
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not mesh.axis_names or not mesh.are_all_axes_explicit:
-        return None
-    return sharding
-
-
-def match_sharding(x: Array, reference: Array, drop_leading: bool = False) -> Array:
-    """``x`` laid out like ``reference`` (without its first dim if ``drop_leading``).
-
-    Only on meshes with Explicit axes, where mixing layouts in one operation is
-    an error; with Auto axes the partitioner picks the layouts itself.
-    """
-    sharding = explicit_sharding(reference)
-    if sharding is None:
-        return x
-    spec = tuple(sharding.spec) + (None,) * (reference.ndim - len(sharding.spec))
-    spec = PartitionSpec(*(spec[1:] if drop_leading else spec))
-    if explicit_sharding(x) is not None and jax.typeof(x).sharding.spec == spec:
-        return x
-    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+    return contract(x, y, at_least_f32(x.dtype) if x.dtype.itemsize < 4 else None)
 
 
 def tree_vdot(a: Updates, b: Updates) -> Array:

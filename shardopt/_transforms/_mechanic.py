@@ -32,7 +32,7 @@ from .._hyperparams import (
     resolve,
 )
 from .._interop import as_transform
-from .._tree_math import global_norm, lowest_dtype, promote
+from .._tree_math import contract, global_norm, lowest_dtype, promote
 from ._conditional import check_int
 
 
@@ -52,16 +52,12 @@ class MechanicState(eqx.Module):
     x0: Params
 
 
-def _vdot(a: Array, b: Array) -> Array:
-    """``<a, b>`` as optax sums it: one tensordot over all dims, at HIGHEST."""
-    a, b = promote(a, b)
-    return jnp.tensordot(a, b, a.ndim, precision=jax.lax.Precision.HIGHEST)
-
-
 def _tree_vdot(x: Updates, y: Updates) -> Array:
+    """``sum_i <x_i, y_i>`` as optax sums it: one tensordot over all dims of
+    each leaf, at HIGHEST, the dots added in leaf order."""
     total = jnp.zeros([], jnp.int32)
     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-        total, dot = promote(total, _vdot(a, b))
+        total, dot = promote(total, contract(*promote(a, b)))
         total = total + dot
     return total
 

@@ -20,6 +20,7 @@ from .._base import (
     Updates,
     update_with_extra_args,
 )
+from .._explicit import match_sharding, replicated
 from .._interop import as_transform
 from .._tree_math import add, promote
 
@@ -61,7 +62,9 @@ def _ravel(tree: PyTree) -> Array:
     if isinstance(leaves[0], jax.ShapeDtypeStruct):
         # abstract parameters: only the shapes matter to init.
         leaves = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-    return jnp.concatenate([jnp.ravel(x) for x in promote(*leaves)])
+    # with Explicit mesh axes a sharded leaf cannot be raveled as it lies:
+    # the vector is replicated (as every transform of it sees it anyway)
+    return jnp.concatenate([jnp.ravel(replicated(x)) for x in promote(*leaves)])
 
 
 def _unravel(flat: Array, like: PyTree) -> PyTree:
@@ -70,7 +73,10 @@ def _unravel(flat: Array, like: PyTree) -> PyTree:
     pieces = jnp.split(flat, offsets) if leaves else []
     return jax.tree.unflatten(
         treedef,
-        [piece.reshape(x.shape) for piece, x in zip(pieces, leaves, strict=True)],
+        [
+            match_sharding(piece.reshape(x.shape), x)
+            for piece, x in zip(pieces, leaves, strict=True)
+        ],
     )
 
 

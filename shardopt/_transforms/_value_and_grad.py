@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._base import AbstractTransform, Params, State, Updates
+from .._explicit import match_sharding
 from .._tree import path_str
-from ._linesearch import match_sharding
 
 _MISSING = object()
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from .._base import AbstractTransform, Params, Updates, safe_increment, zero_count
+from .._explicit import match_sharding
 from .._hyperparams import (
     NONNEGATIVE,
     POSITIVE,
@@ -27,7 +28,6 @@ from ._linesearch import (
     axpy,
     bind_objective,
     constant,
-    match_sharding,
     report_if,
     require,
     scale_tree,
