@@ -9,11 +9,12 @@ one of each other kind of math (elementwise, whole-matrix, Hessian estimate),
 run here with a tensor-parallel cube under ZeRO stages 1 and 3 and must give
 the unsharded numbers to the table's ZeRO tolerance.
 
-Rows whose state is kept in bfloat16 are not here: XLA may skip a rounding
-to bfloat16 inside a fusion (``--xla_allow_excess_precision``, on by
-default), and which roundings it skips depends on the program, so their
-state can differ from the unsharded run by an ulp, which later steps carry
-on. With that flag off they match too (run by hand, see docs/zero.md).
+Rows where a bfloat16 value of the state is rounded inside a fused update
+(10 of the table, listed in docs/zero.md) are not here: XLA may skip such a
+rounding (``--xla_allow_excess_precision``, on by default), and which it
+skips depends on the program, so their state can differ from the unsharded
+run by an ulp, which later steps carry on. With that flag off they match too
+(run by hand).
 """
 
 from __future__ import annotations
