@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import itertools
+import math
 import os
 import re
 import threading
@@ -116,64 +117,55 @@ def _region_digest(region, shards, data, dtype, algorithm) -> int | None:
     chained over bands cut at the shards' boundaries and at ~``BAND_BYTES``:
     a band inside one shard is checksummed where it lies (no copy when that
     shard spans the region's other axes), a band split over shards is put
-    together first, a small copy still in cache when the checksum reads it.
+    together first, in a buffer reused for every band (still in cache when
+    the checksum reads it). The overlaps are worked out once per region.
     """
-    if not region:  # a scalar: its one shard holds it
-        return digest(_band(region, shards, data, dtype), algorithm)
-    sizes = [b - a for a, b in region]
-    covered, cuts = 0, {region[0][0], region[0][1]}
-    for bounds, _ in shards:
-        overlap = [
-            min(b, d) - max(a, c) for (a, b), (c, d) in zip(region, bounds, strict=True)
-        ]
-        if all(n > 0 for n in overlap):
-            covered += int(np.prod(overlap))
-            cuts.update(c for c in bounds[0] if region[0][0] < c < region[0][1])
-    if covered != int(np.prod(sizes)):
-        return None
-    row_bytes = int(np.prod(sizes[1:])) * np.dtype(dtype).itemsize
-    rows = max(1, BAND_BYTES // max(row_bytes, 1))
-    running = hasher(algorithm)
-    scratch = np.empty(rows * int(np.prod(sizes[1:])), dtype)  # reused: no
-    # fresh pages to fault in for every band put together
-    cuts = sorted(cuts)
-    for start, stop in itertools.pairwise(cuts):
-        for a in range(start, stop, rows):
-            band = [[a, min(a + rows, stop)], *region[1:]]
-            running.update(as_bytes(_band(band, shards, data, dtype, scratch)))
-    return running.intdigest()
-
-
-def _band(band, shards, data, dtype, scratch=None) -> np.ndarray:
-    """The ``band`` of the array: a view into the shard holding all of it, or
-    put together from the shards that hold its parts (in ``scratch``, a 1-D
-    buffer at least the band's size, where given)."""
+    if not region:  # a scalar: every shard holds it
+        return digest(data(0), algorithm) if shards else None
+    parts = []  # (shard, its first-axis offset, first-axis overlap, other axes)
+    covered = 0
     for i, (bounds, _) in enumerate(shards):
-        if _contains(bounds, band):
-            return data(i)[
-                tuple(
-                    slice(a - o, b - o)
-                    for (a, b), (o, _) in zip(band, bounds, strict=True)
-                )
-            ]
-    shape = tuple(b - a for a, b in band)
-    if scratch is None:
-        out = np.empty(shape, dtype)
-    else:
-        out = scratch[: int(np.prod(shape))].reshape(shape)
-    for i, (bounds, _) in enumerate(shards):
-        lo = [max(a, c) for (a, _), (c, _) in zip(band, bounds, strict=True)]
-        hi = [min(b, d) for (_, b), (_, d) in zip(band, bounds, strict=True)]
+        lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds, strict=True)]
+        hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds, strict=True)]
         if any(h <= low for low, h in zip(lo, hi, strict=True)):
             continue
-        dst = tuple(
-            slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, band, strict=True)
-        )
+        covered += math.prod(h - low for low, h in zip(lo, hi, strict=True))
         src = tuple(
-            slice(low - c, h - c) for low, h, (c, _) in zip(lo, hi, bounds, strict=True)
+            slice(low - c, h - c)
+            for low, h, (c, _) in zip(lo[1:], hi[1:], bounds[1:], strict=True)
         )
-        out[dst] = data(i)[src]
-    return out
+        dst = tuple(
+            slice(low - a, h - a)
+            for low, h, (a, _) in zip(lo[1:], hi[1:], region[1:], strict=True)
+        )
+        parts.append((i, bounds[0][0], (lo[0], hi[0]), src, dst))
+    sizes = [b - a for a, b in region]
+    if covered != math.prod(sizes):
+        return None
+    inner = math.prod(sizes[1:])
+    rows = max(1, BAND_BYTES // max(inner * np.dtype(dtype).itemsize, 1))
+    cuts = {region[0][0], region[0][1]}
+    cuts.update(c for _, _, pair, _, _ in parts for c in pair)
+    running, scratch = hasher(algorithm), None
+    for start, stop in itertools.pairwise(sorted(cuts)):
+        here = [p for p in parts if p[2][0] <= start and stop <= p[2][1]]
+        if len(here) == 1:  # one shard holds these rows: hashed where they lie
+            i, offset, _, src, _ = here[0]
+            for a in range(start, stop, rows):
+                band = (slice(a - offset, min(a + rows, stop) - offset), *src)
+                running.update(as_bytes(data(i)[band]))
+            continue
+        if scratch is None:
+            scratch = np.empty(rows * inner, dtype)
+        for a in range(start, stop, rows):
+            b = min(a + rows, stop)
+            out = scratch[: (b - a) * inner].reshape(b - a, *sizes[1:])
+            for i, offset, _, src, dst in here:
+                out[(slice(None), *dst)] = data(i)[
+                    (slice(a - offset, b - offset), *src)
+                ]
+            running.update(as_bytes(out))
+    return running.intdigest()
 
 
 def data_files(directory: str, step: int, item: str) -> list[str]:
