@@ -32,7 +32,7 @@ from .._hyperparams import (
     resolve,
 )
 from .._interop import as_transform
-from .._tree_math import contract, global_norm, lowest_dtype, promote
+from .._tree_math import global_norm, lowest_dtype, promote, vdot
 from ._conditional import check_int
 
 
@@ -50,16 +50,6 @@ class MechanicState(eqx.Module):
     v: Array
     s: Array
     x0: Params
-
-
-def _tree_vdot(x: Updates, y: Updates) -> Array:
-    """``sum_i <x_i, y_i>`` as optax sums it: one tensordot over all dims of
-    each leaf, at HIGHEST, the dots added in leaf order."""
-    total = jnp.zeros([], jnp.int32)
-    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-        total, dot = promote(total, contract(*promote(a, b)))
-        total = total + dot
-    return total
 
 
 def _sub(a: Array, b: Array) -> Array:
@@ -147,7 +137,7 @@ class Mechanize(AbstractTransform):
         delta_prev = jax.tree.map(previous_delta, params, x0)
         delta = jax.tree.map(_sub, delta_prev, base_updates)
         # a tree of mixed dtypes gives a wider h; the state keeps its dtype
-        h = _tree_vdot(decayed_grads, delta_prev).astype(dtype)
+        h = vdot(decayed_grads, delta_prev).astype(dtype)
         clipped_h = jnp.clip(h, -state.m, state.m)
         exponents = np.arange(1, self.num_betas + 1, dtype=np.float64)
         betas = jnp.asarray(1.0 - 0.1**exponents, dtype)
