@@ -20,20 +20,17 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 
 def _share_compilations() -> None:
-    """One compilation per distinct program for the whole run, both workers.
+    """One compilation per distinct program for the whole run.
 
     JAX's in-memory caches are keyed on the jitted function, and the tests
     build many functions that compile to the same program (each test its own
     ``jax.jit`` of the same step). JAX's persistent cache is keyed on the
     program itself: with it, a program one test compiled is loaded by every
-    later one, on either pytest-xdist worker (about half of each worker's
-    ~3,600 programs are ones the other compiles too). The directory lives for
-    one run: made by the first process (the controller, whose environment the
-    workers inherit) and removed when it exits. Entries are written whole
-    (:func:`_write_cache_entries_whole`), so no worker reads another's
-    half-written one; where that cannot be arranged, each worker keeps a
-    folder of its own. XLA's GPU caches are off: their paths would enter every
-    key. Set ``SHARDOPT_TEST_XLA_CACHE=off`` to compile everything afresh.
+    later one. The directory lives for one run: made by the first process
+    (the pytest-xdist controller, whose environment the workers inherit) and
+    removed when it exits; each worker has a folder of its own in it (JAX
+    writes an entry in place, so a worker could read another's half-written
+    entry). Set ``SHARDOPT_TEST_XLA_CACHE=off`` to compile everything afresh.
     """
     directory = os.environ.get("SHARDOPT_TEST_XLA_CACHE")
     if directory == "off":
@@ -42,41 +39,10 @@ def _share_compilations() -> None:
         directory = tempfile.mkdtemp(prefix="shardopt-xla-cache-")
         os.environ["SHARDOPT_TEST_XLA_CACHE"] = directory
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    if not _write_cache_entries_whole():
-        directory = os.path.join(directory, os.environ.get("PYTEST_XDIST_WORKER", ""))
-    jax.config.update("jax_compilation_cache_dir", directory)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(directory, worker))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-
-
-def _write_cache_entries_whole() -> bool:
-    """Make JAX's file cache write each entry to a temporary file and rename it
-    into place (atomic), instead of writing the entry's file in place. False
-    where this JAX's cache is not the one this knows (the private
-    ``LRUCache``), which is then left alone."""
-    try:
-        from jax._src import lru_cache
-    except ImportError:
-        return False
-    cache, suffix = getattr(lru_cache, "LRUCache", None), "-cache"
-    if cache is None or getattr(lru_cache, "_CACHE_SUFFIX", None) != suffix:
-        return False
-
-    in_place = cache.put
-
-    def put(self, key: str, value: bytes) -> None:
-        path = self.path / f"{key}{suffix}"
-        if getattr(self, "eviction_enabled", True):  # a size limit: JAX's own
-            return in_place(self, key, value)
-        if path.exists():  # as JAX does: an entry is never rewritten
-            return
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_bytes(value)
-        os.replace(partial, path)
-
-    cache.put = put
-    return True
 
 
 _share_compilations()
