@@ -303,12 +303,14 @@ def test_checkpoints_with_older_records_are_still_verified(
         CheckpointManager(tmp_path).restore(params=params)
 
 
-def test_each_array_is_checked_as_it_is_read_also_onto_another_mesh(
+def test_each_shard_is_checked_as_it_is_read_also_onto_another_mesh(
     tmp_path, monkeypatch
 ):
-    """The reader hands every array to the check once read (overlapping the
-    rest of the read); regions saved on 8 devices are put together from the
-    (4, 2) shards, and a flipped byte is still caught there."""
+    """The reader hands every shard to the check as it is read: the slices a
+    shard contains are checked there (b's eighths in its halves, s); the rows
+    of w saved on 8 devices, split over two (4, 2) column shards, are put
+    together from the restored shards after the read, and a flipped byte is
+    still caught."""
     from shardopt.checkpoint import _verify
 
     m8, m42 = mesh(8), mesh(8, (4, 2), ("data", "model"))
@@ -328,19 +330,31 @@ def test_each_array_is_checked_as_it_is_read_also_onto_another_mesh(
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(m42, spec[k]))
         for k, v in params.items()
     }
-    submitted = []
-    submit = _verify.Verifier.submit
+    shards, after = [], []
+    shard, check_leaf = _verify.Verifier.shard, _verify._check_leaf
 
-    def spy(self, name, leaf):
-        submitted.append((name, leaf))
-        submit(self, name, leaf)
+    def spy_shard(self, name, bounds, data):
+        shards.append((name, bounds))
+        shard(self, name, bounds, data)
 
-    monkeypatch.setattr(_verify.Verifier, "submit", spy)
+    def spy_after(leaf, records):
+        after.append([r["index"] for r in records])
+        return check_leaf(leaf, records)
+
+    monkeypatch.setattr(_verify.Verifier, "shard", spy_shard)
+    monkeypatch.setattr(_verify, "_check_leaf", spy_after)
     got = CheckpointManager(tmp_path).restore(params=like)
     assert arrays_equal(got.params, params)
-    # once each, by the reader, and the very arrays that were returned
-    assert sorted(n for n, _ in submitted) == ["params/b", "params/s", "params/w"]
-    assert all(leaf is got.params[n.split("/")[1]] for n, leaf in submitted)
+    # each distinct shard once: w in 4 x 2 blocks, b in 2 halves, s whole
+    assert sorted(shards) == sorted(
+        [
+            ("params/w", [[r, r + 16], [c, c + 32]])
+            for r in range(0, 64, 16)
+            for c in (0, 32)
+        ]
+        + [("params/b", [[0, 32]]), ("params/b", [[32, 64]]), ("params/s", [])]
+    )
+    assert after == [[[[r, r + 8], [0, 64]] for r in range(0, 64, 8)]]  # w only
     (name,) = sorted(_array_files(tmp_path / "1"), key=os.path.getsize)[-1:]
     with open(name, "r+b") as f:
         f.seek(os.path.getsize(name) // 3)

@@ -1,56 +1,43 @@
-"""The verified restore: one concurrent read in groups, each group checked once read."""
+"""The verified restore: every shard checked as it is read, what the reader
+could not hand over checked after the read."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import zlib
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import xxhash
+from orbax.checkpoint._src.serialization import serialization
 
 from shardopt.checkpoint import (
     CheckpointManager,
     ChecksumError,
     CorruptCheckpointError,
-    _handler,
+    _reads,
+    _verify,
 )
 
 
-def test_groups_split_consecutive_arrays_by_bytes():
-    assert _handler._groups([4, 4, 4, 4], 4) == [[0], [1], [2], [3]]
-    assert _handler._groups([4, 4, 4, 4], 2) == [[0, 1], [2, 3]]
-    assert _handler._groups([13, 1, 1, 1], 2) == [[0], [1, 2, 3]]
-    assert _handler._groups([1] * 7 + [13], 4) == [[0, 1, 2, 3, 4], [5, 6, 7]]
-    assert _handler._groups([1, 1], 8) == [[0], [1]]
-    assert _handler._groups([], 4) == []
-
-
-def test_all_or_none_cancels_the_rest_on_the_first_failure():
-    cancelled = []
-
-    async def waits(i):
-        try:
-            await asyncio.Event().wait()  # never set: only cancellation ends it
-        except asyncio.CancelledError:
-            cancelled.append(i)
-            raise
-
-    async def fails():
-        await asyncio.sleep(0)
-        raise OSError("short read")
-
-    async def ok(i):
-        await asyncio.sleep(0)
-        return i
-
-    assert asyncio.run(_handler._all_or_none([ok(i) for i in range(3)])) == [0, 1, 2]
-    with pytest.raises(OSError, match="short read"):
-        asyncio.run(_handler._all_or_none([waits(0), fails(), waits(2)]))
-    assert sorted(cancelled) == [0, 2]
+def test_orbax_shard_reads_are_hooked_and_tell_no_one_else(tmp_path, monkeypatch):
+    """The per-shard read of this Orbax is wrapped (an Orbax without one would
+    leave every check for after the read: this fails first); a plain Orbax
+    restore in the same process hands nothing to a shardopt check."""
+    assert _reads.HOOKED and serialization._read_shard.shardopt_hook
+    assert serialization.async_deserialize.shardopt_hook
+    told = []
+    monkeypatch.setattr(_verify.Verifier, "shard", lambda *a: told.append(a))
+    tree = {"w": jnp.arange(64.0)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "plain", tree)
+        ckptr.wait_until_finished()
+        got = ckptr.restore(tmp_path / "plain", tree)
+    assert np.array_equal(got["w"], tree["w"]) and told == []
+    assert _reads._READ.get() is None
 
 
 def _damage(directory, how):
@@ -71,21 +58,31 @@ def _damage(directory, how):
     return os.path.basename(name)
 
 
+@pytest.mark.parametrize("checked", ["as read", "after the read", "not (verify=False)"])
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_damage_is_caught_with_arrays_in_several_groups(tmp_path, how):
-    """Ten arrays read in concurrent groups: the damaged one is named, the
-    restore raises (nothing half-returned), fallback restores the step before."""
-    # Orbax reads the leaves in key order: "big" first, alone in its group
+def test_damage_is_caught_among_ten_arrays(tmp_path, monkeypatch, how, checked):
+    """Ten arrays, checked as they are read, after (a reader that hands
+    nothing over) or not at all: the damaged one is named, the restore raises
+    (nothing half-returned; a short file is caught by the read itself, and
+    the other arrays' reads are cancelled), fallback restores the step
+    before. Without the check a flipped byte is read as it is."""
     params = {f"small{i}": jnp.arange(64.0) + i for i in range(9)}
     params["big"] = jnp.arange(16384.0).reshape(128, 128)
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, params=params)
         ckpt.save(2, params={k: v + 1 for k, v in params.items()})
-    sizes = [params[k].nbytes for k in sorted(params)]
-    assert len(_handler._groups(sizes, _handler.ReadHookArrayHandler.GROUPS)) > 1
+    if checked == "after the read":
+        monkeypatch.setattr(_verify.Verifier, "shard", lambda *a: None)
+    verify = False if checked == "not (verify=False)" else None
     damaged = _damage(tmp_path / "2", how)
+    if how == "flip" and verify is False:
+        got = CheckpointManager(tmp_path).restore(params=params, verify=False)
+        assert got.step == 2 and not np.array_equal(
+            got.params["big"], params["big"] + 1
+        )
+        return
     with pytest.raises(CorruptCheckpointError) as err:
-        CheckpointManager(tmp_path).restore(params=params)
+        CheckpointManager(tmp_path).restore(params=params, verify=verify)
     message = str(err.value)
     assert "step 2" in message and "params/big" in message, message
     if how == "truncate":
@@ -93,7 +90,9 @@ def test_damage_is_caught_with_arrays_in_several_groups(tmp_path, how):
     else:
         assert isinstance(err.value, ChecksumError)
         assert "1 array(s) differ" in message, message
-    got = CheckpointManager(tmp_path).restore(params=params, fallback=True)
+    got = CheckpointManager(tmp_path).restore(
+        params=params, fallback=True, verify=verify
+    )
     assert got.step == 1
     assert all(np.array_equal(got.params[k], v) for k, v in params.items())
 
@@ -138,3 +137,18 @@ def test_region_checksum_chained_over_bands_equals_the_whole(monkeypatch, cuts0,
             [[0, 64], [0, 48]], rest, lambda i: rest[i][1], np.float32, "xxh3_64"
         )
         assert got is None
+
+
+def test_a_failing_check_is_not_reported_as_a_damaged_file(tmp_path, monkeypatch):
+    """The check runs inside Orbax's read, where any error would come out as
+    a damaged file: its own failure is raised after the read, as itself."""
+    params = {"w": jnp.arange(64.0)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+
+    def fails(self, bounds, data):
+        raise MemoryError("no room to check")
+
+    monkeypatch.setattr(_verify._LeafCheck, "shard", fails)
+    with pytest.raises(MemoryError, match="no room to check"):
+        CheckpointManager(tmp_path).restore(params=params)

@@ -25,12 +25,8 @@ from ._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
-from ._handler import (
-    ChecksumSave,
-    ReadHookArrayHandler,
-    item_handlers,
-    load_checksums,
-)
+from ._handler import ChecksumSave, item_handlers, load_checksums
+from ._reads import ReadHookArrayHandler
 from ._record import (
     Restored,
     check_save_args,
@@ -147,7 +143,7 @@ class CheckpointManager:
             todelete_subdir=house.DELETING,  # an old step goes away atomically
             preservation_policy=policy,
         )
-        # the arrays' reader hands each array to the checksum check once read
+        # the arrays' reader hands each shard to the checksum check once read
         self._reader = ReadHookArrayHandler()
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -464,7 +460,7 @@ class CheckpointManager:
             if verify:  # the records first: each array is checked once read
                 records = load_checksums(self._manager, self.directory, step)
                 verifier = Verifier(step, self.directory, ARRAYS, meta, records)
-                self._reader.on_read = verifier.submit
+                self._reader.sink = verifier
             got = self._read_arrays(step, reads) if reads else {}
             for path, target in empty.items():
                 put_path(got, path, empty_like(target))
@@ -479,7 +475,7 @@ class CheckpointManager:
                 f"{self.directory} --step {step}`"
             ) from err
         finally:
-            self._reader.on_read = None
+            self._reader.sink = None
         if verifier is not None:
             verifier.finish({n: got[n] for n in wanted})
 

@@ -1,16 +1,18 @@
 """Checking what a restore read against the checksums recorded at save.
 
-Every restore does it by default. Each process checks only the shards it holds
-(one local copy of each distinct slice: Orbax reads a slice once and places it
-on every local device that holds it), so the cost is one hashing pass (XXH3,
-see ``_checksum``) over the bytes this process read. The pass overlaps the
-read: Orbax's reader reads the arrays in a few groups at once and hands each
-group over as soon as it is read (``ReadHookArrayHandler``); its checks run in
-a thread pool (the hash releases the GIL) while the other groups are still
-being read. A recorded slice that no single local shard contains (the array
-was saved in another layout) is checked from the local shards band by band,
-the hash chained, when the process has all of it; on several processes such a
-slice is left to the processes whose shards contain it.
+Every restore does it by default. Each process checks only the shards it
+reads (Orbax reads each distinct slice once and places it on every local
+device that holds it), so the cost is one hashing pass (XXH3, see
+``_checksum``) over the bytes this process read. The pass is made in the
+reading thread: Orbax's reader hands every shard over once TensorStore has
+read it, before Orbax places it on the devices (``_reads``), so the check
+reads the host copy the restore already made (on an accelerator, checking
+the restored arrays would first copy them back to the host). A recorded
+slice that one shard contains is hashed there. A slice split over shards
+(saved in another layout) is hashed after the read, from the restored
+arrays, band by band, the hash chained; so is every shard the reader could
+not hand over (one read with a cast). A slice only partly read by this
+process is left to the processes that read the rest.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
@@ -25,7 +27,6 @@ import itertools
 import math
 import os
 import re
-import threading
 
 import numpy as np
 
@@ -57,52 +58,38 @@ def _key(bounds: list[list[int]]) -> tuple:
 
 
 def _check_leaf(leaf, records: list[dict]) -> str | None:
-    """``None`` if every recorded slice this process can see matches, else why."""
-    records = [r for r in records if recorded(r)[1] is not None]
-    if not records:
-        return None
-    # one local copy of each distinct slice: every slice this process read is
-    # checked (a replica too), its other local copies come from the same read
+    """``None`` if every recorded slice this process can see matches, else why.
+
+    The check after the read, from the leaf's shards as restored (one local
+    copy of each distinct slice: every slice this process read is checked, a
+    replica too): each slice that one shard contains, as in the read, then
+    the slices split over shards.
+    """
     distinct: dict[tuple, tuple] = {}
     for s in leaf.addressable_shards:
         bounds = _shard_bounds(s.index, leaf.shape)
         distinct.setdefault(_key(bounds), (bounds, s))
-    shards = list(distinct.values())
-    host: dict[int, np.ndarray] = {}
+    shards = [(bounds, np.asarray(s.data)) for bounds, s in distinct.values()]
+    check = _LeafCheck([r for r in records if recorded(r)[1] is not None])
+    for bounds, data in shards:
+        check.shard(bounds, data)
+    check.split(shards, leaf.dtype)
+    return check.problem
 
-    def data(i: int) -> np.ndarray:
-        if i not in host:
-            host[i] = np.asarray(shards[i][1].data)
-        return host[i]
 
-    exact = {_key(bounds): i for i, (bounds, _) in enumerate(shards)}
-    for record in records:
-        region = record["index"]
-        i = exact.get(_key(region))
-        if i is not None:  # a slice saved as it was read: no slicing
-            part = data(i)
-        else:
-            for i, (bounds, _) in enumerate(shards):
-                if _contains(bounds, region):
-                    local = tuple(
-                        slice(a - o, b - o)
-                        for (a, b), (o, _) in zip(region, bounds, strict=True)
-                    )
-                    part = data(i)[local]
-                    break
-            else:  # saved in another layout: from the shards, band by band
-                part = None
-        algorithm, value = recorded(record)
-        if part is not None:
-            got = digest(part, algorithm)
-        else:
-            got = _region_digest(region, shards, data, leaf.dtype, algorithm)
-            if got is None:
-                continue  # partly on another process, which checks its part
-        if got != value:
-            where = ",".join(f"{a}:{b}" for a, b in region)
-            return f"checksum mismatch in [{where}]"
-    return None
+def _mismatch(region: list[list[int]]) -> str:
+    return "checksum mismatch in [" + ",".join(f"{a}:{b}" for a, b in region) + "]"
+
+
+def _overlap(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
+    """The box two boxes ([start, stop) per axis) share; None if empty."""
+    out = [[max(p, r), min(q, s)] for (p, q), (r, s) in zip(a, b, strict=True)]
+    return None if any(hi <= lo for lo, hi in out) else out
+
+
+def _within(box: list[list[int]], outer: list[list[int]]) -> tuple:
+    """``box``'s slices in an array holding ``outer``."""
+    return tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, outer, strict=True))
 
 
 BAND_BYTES = 1 << 20  # small enough to be in cache still when checksummed
@@ -125,20 +112,12 @@ def _region_digest(region, shards, data, dtype, algorithm) -> int | None:
     parts = []  # (shard, its first-axis offset, first-axis overlap, other axes)
     covered = 0
     for i, (bounds, _) in enumerate(shards):
-        lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds, strict=True)]
-        hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds, strict=True)]
-        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+        box = _overlap(region, bounds)
+        if box is None:
             continue
-        covered += math.prod(h - low for low, h in zip(lo, hi, strict=True))
-        src = tuple(
-            slice(low - c, h - c)
-            for low, h, (c, _) in zip(lo[1:], hi[1:], bounds[1:], strict=True)
-        )
-        dst = tuple(
-            slice(low - a, h - a)
-            for low, h, (a, _) in zip(lo[1:], hi[1:], region[1:], strict=True)
-        )
-        parts.append((i, bounds[0][0], (lo[0], hi[0]), src, dst))
+        covered += math.prod(b - a for a, b in box)
+        src, dst = _within(box[1:], bounds[1:]), _within(box[1:], region[1:])
+        parts.append((i, bounds[0][0], tuple(box[0]), src, dst))
     sizes = [b - a for a, b in region]
     if covered != math.prod(sizes):
         return None
@@ -177,15 +156,53 @@ def data_files(directory: str, step: int, item: str) -> list[str]:
     return sorted(found, key=lambda p: -os.path.getsize(p))
 
 
-class Verifier:
-    """Checks the arrays of one restore against the checksums, as they arrive.
+class _LeafCheck:
+    """One leaf's recorded slices (``waiting``), checked from its shards."""
 
-    :meth:`submit` queues a leaf's check in the thread pool; the restore calls
-    it from Orbax's reading loop as soon as each group of arrays is read (see
-    ``ReadHookArrayHandler``), so checking overlaps reading. :meth:`finish`
-    then checks every leaf of the restored tree that was not submitted, or
-    not as the very object that ends up in the tree, waits for all, and raises
-    :class:`ChecksumError` naming the leaves that differ.
+    def __init__(self, records: list) -> None:
+        self.waiting = records  # those with a recorded value
+        self.problem: str | None = None
+
+    def shard(self, bounds: list[list[int]], data: np.ndarray) -> None:
+        """Check the slices that ``data``, the shard at ``bounds``, contains."""
+        waiting = []
+        for record in self.waiting:
+            region = record["index"]
+            if _contains(bounds, region):
+                part = data[_within(region, bounds)]
+                self._compare(record, digest(part, recorded(record)[0]))
+            else:
+                waiting.append(record)
+        self.waiting = waiting
+
+    def split(self, shards: list[tuple[list, np.ndarray]], dtype) -> None:
+        """Check the slices split over ``shards`` (every local one), band by band."""
+        for record in self.waiting:
+            got = _region_digest(
+                record["index"],
+                shards,
+                lambda i: shards[i][1],
+                dtype,
+                recorded(record)[0],
+            )
+            if got is not None:  # None: partly read by another process
+                self._compare(record, got)
+        self.waiting = []
+
+    def _compare(self, record: dict, got: int) -> None:
+        if got != recorded(record)[1] and self.problem is None:
+            self.problem = _mismatch(record["index"])
+
+
+class Verifier:
+    """Checks the arrays of one restore against the checksums, as they are read.
+
+    The restore's reader (``ReadHookArrayHandler``) calls :meth:`shard` with
+    each distinct shard once TensorStore has read it, in the reading thread:
+    the slices it contains are hashed while its bytes are in hand.
+    :meth:`finish` checks after the read what is left (slices split over
+    shards, shards the reader did not hand over), in a thread pool, and
+    raises :class:`ChecksumError` naming the leaves that differ.
     """
 
     def __init__(
@@ -194,33 +211,53 @@ class Verifier:
         self.step, self.directory, self.item_dir = step, directory, item_dir
         by_leaf: dict[int, list] = {}
         for record in records:
-            by_leaf.setdefault(record["leaf"], []).append(record)
+            if recorded(record)[1] is not None:
+                by_leaf.setdefault(record["leaf"], []).append(record)
         self._records = {
             name: by_leaf[i]
             for i, name in enumerate(meta["checksum_order"])
             if by_leaf.get(i)
         }
-        self._jobs: dict[str, tuple[object, concurrent.futures.Future]] = {}
-        self._lock = threading.Lock()
+        self._leaves: dict[str, _LeafCheck] = {}
+        self._failed: BaseException | None = None
 
-    def submit(self, name: str, leaf) -> None:
-        """Start checking the leaf ``name`` ("item/path") in the thread pool."""
+    def shard(self, name: str, bounds: list[list[int]], data) -> None:
+        """Check one shard of ``name`` that was just read.
+
+        Never raises into Orbax's read (where any error would read as a
+        damaged file): a failure of the check itself is raised by
+        :meth:`finish`.
+        """
         records = self._records.get(name)
-        if records is None:
+        if records is None or self._failed is not None:
             return
-        with self._lock:
-            self._jobs[name] = (leaf, _POOL.submit(_check_leaf, leaf, records))
+        check = self._leaves.get(name)
+        if check is None:
+            check = self._leaves[name] = _LeafCheck(records)
+        try:
+            check.shard(bounds, data)
+        except Exception as err:  # raised by finish, as itself
+            self._failed = err
 
     def finish(self, got: dict) -> None:
-        """Check what was not yet, wait, raise if any leaf differs."""
+        """Check what is left, wait, raise if any leaf differs."""
+        if self._failed is not None:
+            raise self._failed
+        jobs = {}
         for item, tree in got.items():
             for path, leaf in nested_paths(tree).items():
                 name = f"{item}/{path}"
-                job = self._jobs.get(name)
-                if job is None or job[0] is not leaf:
-                    self.submit(name, leaf)
-        names = [f"{i}/{p}" for i, tree in got.items() for p in nested_paths(tree)]
-        bad = [(n, self._jobs[n][1].result()) for n in names if n in self._jobs]
+                check = self._leaves.get(name)
+                if check is not None and check.problem:
+                    jobs[name] = check.problem
+                    continue
+                rest = check.waiting if check else self._records.get(name)
+                if rest:
+                    jobs[name] = _POOL.submit(_check_leaf, leaf, rest)
+        bad = [
+            (name, job if isinstance(job, str) else job.result())
+            for name, job in jobs.items()
+        ]
         bad = [(name, problem) for name, problem in bad if problem]
         if bad:
             files = data_files(self.directory, self.step, self.item_dir)

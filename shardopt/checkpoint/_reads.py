@@ -1,0 +1,162 @@
+"""Orbax's array reads, hooked: each shard handed to a sink as it is read.
+
+The restore checks every shard against the checksums recorded at save while
+its bytes are still in hand: on the host, before Orbax places them on the
+devices (on an accelerator, a check of the restored arrays would copy them
+back to the host first). Orbax has no public hook there, so two of its
+private functions are wrapped, once, when this module is imported:
+
+- ``serialization._read_shard`` (one shard from TensorStore into host memory)
+  hands the shard to the sink;
+- ``serialization.async_deserialize`` (one array) notes its task, so that a
+  failed read cancels the others instead of leaving them reading after the
+  restore has raised.
+
+Both wrappers act only inside a shardopt restore: its reader sets a context
+variable that the read's tasks inherit. Everywhere else (another Orbax user
+in the same process included) the context holds nothing and the read is
+Orbax's, unchanged. If a later Orbax renames either function, ``HOOKED`` is
+False, nothing is wrapped, and the restore checks the arrays after the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import serialization
+from orbax.checkpoint.type_handlers import ArrayHandler
+
+from ._tree import entry_name
+
+
+class ShardSink(Protocol):
+    """What a restore's reader tells about the arrays it reads."""
+
+    def shard(self, name: str, bounds: list[list[int]], data: np.ndarray) -> None:
+        """One distinct shard of ``name``, read (called in Orbax's event loop)."""
+
+
+class _Read:
+    """One restore's read, as its tasks see it: the array names by Orbax key,
+    the sink, and the tasks reading the arrays."""
+
+    def __init__(self, names: dict[str, str], sink: ShardSink | None) -> None:
+        self.names, self.sink = names, sink
+        self.tasks: list[asyncio.Task] = []
+
+
+_READ: contextvars.ContextVar[_Read | None] = contextvars.ContextVar(
+    "shardopt_read", default=None
+)
+
+
+def _handing_shards_over(original: Callable) -> Callable:
+    """``_read_shard`` that hands the shard to the read's sink.
+
+    A shard read with a cast or padding is not handed over: its bytes are
+    not those saved (the restore checks that array after the read).
+    """
+
+    async def read_shard(t, *args, **kwargs):
+        out = await original(t, *args, **kwargs)
+        read = _READ.get()
+        if read is not None and read.sink is not None:
+            name, bounds = _which_shard(read, t, kwargs, out)
+            if name is not None:
+                read.sink.shard(name, bounds, out)
+        return out
+
+    return read_shard
+
+
+def _which_shard(read: _Read, t, kwargs: dict, out: np.ndarray) -> tuple:
+    """``(array name, bounds)`` of a shard to hand over; ``(None, None)`` for
+    one that cannot be (its bytes are not those saved, or the read is not one
+    this Orbax describes as expected): the check after the read takes it."""
+    try:
+        requested = kwargs["requested_domain"]
+        if requested != kwargs["restricted_domain"] or out.dtype != t.dtype.numpy_dtype:
+            return None, None  # padded or cast
+        # the array's key in the item: the kvstore path's last part
+        name = read.names.get(t.kvstore.path.rstrip("/").rsplit("/", 1)[-1])
+        return name, [[d.inclusive_min, d.exclusive_max] for d in requested]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None, None
+
+
+def _noting_tasks(original: Callable) -> Callable:
+    """``async_deserialize`` that notes the task reading each array."""
+
+    async def async_deserialize(*args, **kwargs):
+        read = _READ.get()
+        if read is not None:
+            read.tasks.append(asyncio.current_task())
+        return await original(*args, **kwargs)
+
+    return async_deserialize
+
+
+def _install() -> bool:
+    """Wrap both functions once; False where this Orbax lacks either."""
+    wrappers = {
+        "_read_shard": _handing_shards_over,
+        "async_deserialize": _noting_tasks,
+    }
+    found = {name: getattr(serialization, name, None) for name in wrappers}
+    if not all(asyncio.iscoroutinefunction(f) for f in found.values()):
+        return False
+    for name, wrap in wrappers.items():
+        if not getattr(found[name], "shardopt_hook", False):
+            wrapped = wrap(found[name])
+            wrapped.shardopt_hook = True
+            setattr(serialization, name, wrapped)
+    return True
+
+
+HOOKED = _install()
+
+
+class ReadHookArrayHandler(ArrayHandler):
+    """Orbax's ArrayHandler that hands every shard it reads to ``sink``.
+
+    The arrays are read in one Orbax call (with Orbax's concurrency); with a
+    sink set, the sink gets each distinct shard once TensorStore has read it.
+    If any array fails to read, the others are cancelled before the error is
+    raised. Saving is Orbax's, unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(array_metadata_store=array_metadata_store.Store())
+        self.sink: ShardSink | None = None
+        # reads the arrays without the array metadata file (it only wraps
+        # typed PRNG keys; ours are saved as raw key data)
+        self._array_reader = ArrayHandler()
+
+    async def deserialize(self, infos, args=None):
+        if args is None:
+            return await super().deserialize(infos, args)
+        read = _Read({info.name: keypath_name(info) for info in infos}, self.sink)
+        token = _READ.set(read)  # the read's tasks copy this context
+        try:
+            return await self._array_reader.deserialize(infos, args)
+        except BaseException:
+            # nothing keeps reading once the restore has failed
+            pending = [task for task in read.tasks if not task.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
+        finally:
+            _READ.reset(token)
+
+
+def keypath_name(info: Any) -> str:
+    """``'params/layer0/w'``: a leaf's path in the restored tree, as recorded."""
+    if info.keypath is None:
+        return info.name.replace(".", "/")
+    return "/".join(entry_name(k) for k in info.keypath)
