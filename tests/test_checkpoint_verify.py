@@ -7,6 +7,7 @@ import itertools
 import os
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -61,13 +62,19 @@ def _damage(directory, how):
 @pytest.mark.parametrize("checked", ["as read", "after the read", "not (verify=False)"])
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_damage_is_caught_among_ten_arrays(tmp_path, monkeypatch, how, checked):
-    """Ten arrays, checked as they are read, after (a reader that hands
-    nothing over) or not at all: the damaged one is named, the restore raises
+    """Ten arrays, one in 8 shards, checked as they are read, after (a reader
+    that hands nothing over) or not at all: the damaged one is named, the restore raises
     (nothing half-returned; a short file is caught by the read itself, and
-    the other arrays' reads are cancelled), fallback restores the step
+    no other array's read is left running), fallback restores the step
     before. Without the check a flipped byte is read as it is."""
     params = {f"small{i}": jnp.arange(64.0) + i for i in range(9)}
-    params["big"] = jnp.arange(16384.0).reshape(128, 128)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+    # in 8 shards: a short file fails some of them, and none of the reads
+    # of the others (of this array and the rest) may outlive the restore
+    params["big"] = jax.device_put(
+        jnp.arange(16384.0).reshape(128, 128),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")),
+    )
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, params=params)
         ckpt.save(2, params={k: v + 1 for k, v in params.items()})

@@ -8,9 +8,9 @@ private functions are wrapped, once, when this module is imported:
 
 - ``serialization._read_shard`` (one shard from TensorStore into host memory)
   hands the shard to the sink;
-- ``serialization.async_deserialize`` (one array) notes its task, so that a
-  failed read cancels the others instead of leaving them reading after the
-  restore has raised.
+- it and ``serialization.async_deserialize`` (one array) note their tasks,
+  so that a failed read waits for the others instead of leaving them
+  reading after the restore has raised.
 
 Both wrappers act only inside a shardopt restore: its reader sets a context
 variable that the read's tasks inherit. Everywhere else (another Orbax user
@@ -56,15 +56,17 @@ _READ: contextvars.ContextVar[_Read | None] = contextvars.ContextVar(
 
 
 def _handing_shards_over(original: Callable) -> Callable:
-    """``_read_shard`` that hands the shard to the read's sink.
+    """``_read_shard`` that notes its task and hands the shard to the sink.
 
     A shard read with a cast or padding is not handed over: its bytes are
     not those saved (the restore checks that array after the read).
     """
 
     async def read_shard(t, *args, **kwargs):
-        out = await original(t, *args, **kwargs)
         read = _READ.get()
+        if read is not None:
+            read.tasks.append(asyncio.current_task())
+        out = await original(t, *args, **kwargs)
         if read is not None and read.sink is not None:
             name, bounds = _which_shard(read, t, kwargs, out)
             if name is not None:
@@ -126,8 +128,8 @@ class ReadHookArrayHandler(ArrayHandler):
 
     The arrays are read in one Orbax call (with Orbax's concurrency); with a
     sink set, the sink gets each distinct shard once TensorStore has read it.
-    If any array fails to read, the others are cancelled before the error is
-    raised. Saving is Orbax's, unchanged.
+    If any array fails to read, the others are let finish before the error
+    is raised. Saving is Orbax's, unchanged.
     """
 
     def __init__(self) -> None:
@@ -144,12 +146,12 @@ class ReadHookArrayHandler(ArrayHandler):
         token = _READ.set(read)  # the read's tasks copy this context
         try:
             return await self._array_reader.deserialize(infos, args)
-        except BaseException:
-            # nothing keeps reading once the restore has failed
-            pending = [task for task in read.tasks if not task.done()]
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        except Exception:
+            # no read is left running once the restore has failed: the others
+            # (arrays and their shards) are let finish; cancelled, TensorStore
+            # would still call back into Orbax's event loop after it closed
+            while pending := [task for task in read.tasks if not task.done()]:
+                await asyncio.wait(pending)
             raise
         finally:
             _READ.reset(token)
