@@ -10,7 +10,8 @@ reads the host copy the restore already made (on an accelerator, checking
 the restored arrays would first copy them back to the host). A recorded
 slice that one shard contains is hashed there. A slice split over shards
 (saved in another layout) is hashed after the read, from the restored
-arrays, band by band, the hash chained; so is every shard the reader could
+arrays (on an accelerator, copied back to the host), band by band, the
+hash chained; so is every shard the reader could
 not hand over (one read with a cast). A slice only partly read by this
 process is left to the processes that read the rest.
 
