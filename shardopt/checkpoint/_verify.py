@@ -11,9 +11,9 @@ the restored arrays would first copy them back to the host). A recorded
 slice that one shard contains is hashed there. A slice split over shards
 (saved in another layout) is hashed after the read, from the restored
 arrays (on an accelerator, copied back to the host), band by band, the
-hash chained; so is every shard the reader could
-not hand over (one read with a cast). A slice only partly read by this
-process is left to the processes that read the rest.
+hash chained; so is every shard the reader could not hand over (one read
+with a cast). A slice only partly read by this process is left to the
+processes that read the rest.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
@@ -59,7 +59,8 @@ def _key(bounds: list[list[int]]) -> tuple:
 
 
 def _check_leaf(leaf, records: list[dict]) -> str | None:
-    """``None`` if every recorded slice this process can see matches, else why.
+    """``None`` if every slice of ``records`` (each with a recorded value) that
+    this process can see matches, else why.
 
     The check after the read, from the leaf's shards as restored (one local
     copy of each distinct slice: every slice this process read is checked, a
@@ -71,7 +72,7 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
         bounds = _shard_bounds(s.index, leaf.shape)
         distinct.setdefault(_key(bounds), (bounds, s))
     shards = [(bounds, np.asarray(s.data)) for bounds, s in distinct.values()]
-    check = _LeafCheck([r for r in records if recorded(r)[1] is not None])
+    check = _LeafCheck(records)
     for bounds, data in shards:
         check.shard(bounds, data)
     check.split(shards, leaf.dtype)
@@ -244,22 +245,17 @@ class Verifier:
         """Check what is left, wait, raise if any leaf differs."""
         if self._failed is not None:
             raise self._failed
-        jobs = {}
+        problems, jobs = {}, {}
         for item, tree in got.items():
             for path, leaf in nested_paths(tree).items():
                 name = f"{item}/{path}"
                 check = self._leaves.get(name)
                 if check is not None and check.problem:
-                    jobs[name] = check.problem
-                    continue
-                rest = check.waiting if check else self._records.get(name)
-                if rest:
+                    problems[name] = check.problem
+                elif rest := (check.waiting if check else self._records.get(name)):
                     jobs[name] = _POOL.submit(_check_leaf, leaf, rest)
-        bad = [
-            (name, job if isinstance(job, str) else job.result())
-            for name, job in jobs.items()
-        ]
-        bad = [(name, problem) for name, problem in bad if problem]
+        problems.update({name: job.result() for name, job in jobs.items()})
+        bad = [(name, problem) for name, problem in problems.items() if problem]
         if bad:
             files = data_files(self.directory, self.step, self.item_dir)
             shown = ", ".join(os.path.relpath(f, self.directory) for f in files[:3])
