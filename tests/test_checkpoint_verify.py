@@ -30,14 +30,23 @@ def test_orbax_shard_reads_are_hooked_and_tell_no_one_else(tmp_path, monkeypatch
     restore in the same process hands nothing to a shardopt check."""
     assert _reads.HOOKED and serialization._read_shard.shardopt_hook
     assert serialization.async_deserialize.shardopt_hook
-    told = []
-    monkeypatch.setattr(_verify.Verifier, "shard", lambda *a: told.append(a))
+    told, which_shard = [], _reads._which_shard
+
+    def spy(read, t, kwargs, out):
+        told.append(out.shape)
+        return which_shard(read, t, kwargs, out)
+
+    monkeypatch.setattr(_reads, "_which_shard", spy)
     tree = {"w": jnp.arange(64.0)}
+    with CheckpointManager(tmp_path / "shardopt") as ckpt:
+        ckpt.save(1, params=tree)
+    CheckpointManager(tmp_path / "shardopt").restore(params=tree)
+    assert told == [(64,)]  # the shardopt restore's one shard
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "plain", tree)
         ckptr.wait_until_finished()
         got = ckptr.restore(tmp_path / "plain", tree)
-    assert np.array_equal(got["w"], tree["w"]) and told == []
+    assert np.array_equal(got["w"], tree["w"]) and told == [(64,)]
     assert _reads._READ.get() is None
 
 
