@@ -2,6 +2,7 @@
 
 import atexit
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -10,6 +11,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_platforms", "cpu")
@@ -58,22 +60,56 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``--dist loadgroup``), keep each conformance row's tests
-    on one worker: they share that row's cached runs and compiled steps."""
-    import pytest
+    """Each conformance row's tests one after another, the table last.
 
+    A row's tests share its cached runs and compiled steps, so JAX's caches
+    are cleared (when over budget) only between rows; the sort is stable, so
+    the columns keep their order. Under pytest-xdist the rows, small units of
+    work, are then what the workers take last (see ``_Scheduling``).
+    """
     rows = {}  # row name -> its position in the table (first seen)
     for item in items:
-        row = _sharing(item)[1]
-        if row is not None:
-            item.add_marker(pytest.mark.xdist_group(row))
-            rows.setdefault(row, len(rows))
-    # each row's tests one after another (stable: columns keep their order), so
-    # the caches are cleared (when over budget) only between rows
-    row_of = lambda item: rows.get(_sharing(item)[1], -1)
+        rows.setdefault(_sharing(item)[1], len(rows))
     items.sort(
-        key=lambda item: (item.module.__name__ == "test_conformance", row_of(item))
+        key=lambda item: (item.module.__name__ == CONFORMANCE, rows[_sharing(item)[1]])
     )
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n N --dist loadscope`` (scripts/test), a worker takes a whole
+    module or a whole conformance row at a time (``_Scheduling``)."""
+    if config.getvalue("dist") == "loadscope":
+        return _scheduling()(config, log)
+    return None
+
+
+def _scheduling():
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _Scheduling(LoadScopeScheduling):
+        """Units of work that share their compiled programs: a module's tests,
+        a conformance row's tests (a whole module would keep one worker busy
+        for minutes while the other waits). Units go out in collection order,
+        the table last, with ``--no-loadscope-reorder``.
+
+        The scope is read from the node id, not from ``xdist_group`` marks:
+        with pytest 9.2 xdist no longer sees marks added during collection
+        (pytest-xdist#1386), and every row's tests were spread over both
+        workers, each compiling the row's four ZeRO stages.
+        """
+
+        def _split_scope(self, nodeid: str) -> str:
+            module, _, test = nodeid.partition("::")
+            if pathlib.PurePath(module).stem != CONFORMANCE or "[" not in test:
+                return module
+            function, _, param = test.partition("[")
+            param = param.removesuffix("]")
+            if function == "test_zero_stages_match_unsharded":
+                param = param.rsplit("-", 1)[0]  # the row, without the stage
+            return f"{module}::{param}"
+
+    return _Scheduling
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -121,9 +157,12 @@ def _memory_maps() -> int | None:
         return None
 
 
+CONFORMANCE = "test_conformance"
+
+
 def _sharing(item):
     callspec = getattr(item, "callspec", None)
     row = None
-    if item.module.__name__ == "test_conformance" and callspec is not None:
+    if item.module.__name__ == CONFORMANCE and callspec is not None:
         row = callspec.params.get("name")
     return item.module.__name__, row

@@ -40,8 +40,6 @@ def test_train_mlp_example_at_stage_3():
 # short), so the runs of one stage compile their step once.
 TINY = ["--batch", "16", "--context", "16", "--width", "32", "--depth", "1"]
 TINY += ["--heads", "2", "--steps", "6"]
-# one pytest-xdist worker runs them all (scripts/test: --dist loadgroup)
-same_worker = pytest.mark.xdist_group("examples_in_process")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,6 @@ def examples():
         sys.path.remove(str(ROOT / "examples"))
 
 
-@same_worker
 @pytest.mark.parametrize("stage", [1, 3])
 def test_gpt_resume_continues_bit_for_bit(examples, tmp_path, stage):
     gpt = examples[0]
@@ -77,7 +74,6 @@ def test_gpt_resume_continues_bit_for_bit(examples, tmp_path, stage):
     assert saved["losses"] == whole["losses"]
 
 
-@same_worker
 def test_gpt_writes_plots_or_says_why(examples, tmp_path, capsys):
     gpt = examples[0]
     out = tmp_path / "run"
@@ -98,7 +94,6 @@ def test_gpt_writes_plots_or_says_why(examples, tmp_path, capsys):
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 100_000
 
 
-@same_worker
 def test_gpt_resume_refuses_another_run_configuration(examples, tmp_path):
     gpt = examples[0]
     out = ["--out", str(tmp_path / "run"), "--sample", "0", "--no-plots"]
@@ -113,7 +108,6 @@ def test_gpt_resume_refuses_another_run_configuration(examples, tmp_path):
         gpt.main([*TINY, *out, "--state-bits", "8", "--resume"])
 
 
-@same_worker
 def test_gpt_state_bits_8_quantizes_every_matrix(examples):
     """--state-bits 8: AdamW's two moments of every matrix are 8-bit (checked
     on shapes; the default run's losses are in docs/low_precision.md)."""
@@ -136,7 +130,6 @@ def test_gpt_state_bits_8_quantizes_every_matrix(examples):
     assert {q.codes.dtype.name for q in quantized} == {"uint8"}
 
 
-@same_worker
 def test_restore_on_new_mesh_continues_with_equal_numbers(examples, tmp_path, capsys):
     restore = examples[1]
     result = restore.main([*TINY, "--no-plots", "--out", str(tmp_path)])

@@ -1,0 +1,40 @@
+"""The suite's own scheduling under pytest-xdist (tests/conftest.py): a worker
+takes a whole module, or a whole conformance row, at a time."""
+
+import pathlib
+
+import conftest
+import pytest
+
+pytest.importorskip("xdist")
+
+
+def scope_of(nodeid: str) -> str:
+    scheduling = conftest._scheduling()
+    return scheduling._split_scope(object.__new__(scheduling), nodeid)
+
+
+def test_a_conformance_row_is_one_unit_and_every_other_module_is_one(request):
+    rows: dict[str, set[str]] = {}  # row -> the scopes of its tests
+    modules: dict[str, set[str]] = {}
+    for item in request.session.items:
+        scope = scope_of(item.nodeid)
+        module = item.nodeid.partition("::")[0]
+        row = conftest._sharing(item)[1]
+        if row is None:
+            modules.setdefault(module, set()).add(scope)
+        else:
+            rows.setdefault(row, set()).add(scope)
+    for row, scopes in rows.items():
+        assert len(scopes) == 1, (row, scopes)
+    assert len({scope for scopes in rows.values() for scope in scopes}) == len(rows)
+    for module, scopes in modules.items():
+        if pathlib.PurePath(module).stem != conftest.CONFORMANCE:
+            assert scopes == {module}, (module, scopes)
+
+
+def test_the_stage_is_cut_from_the_row_not_from_a_name_with_dashes():
+    module = "tests/test_conformance.py"
+    stage = f"{module}::test_zero_stages_match_unsharded[a-b-3]"
+    parity = f"{module}::test_matches_optax[a-b]"
+    assert scope_of(stage) == scope_of(parity) == f"{module}::a-b"
