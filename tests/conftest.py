@@ -13,6 +13,8 @@ os.environ["XLA_FLAGS"] = (
 import jax
 import pytest
 
+CONFORMANCE = "test_conformance"  # the table's module: its rows share their runs
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_platforms", "cpu")
 # XLA's HLO passes (fusion, SPMD partitioning, collective combining) all still
@@ -155,9 +157,6 @@ def _memory_maps() -> int | None:
             return sum(1 for _ in maps)
     except OSError:
         return None
-
-
-CONFORMANCE = "test_conformance"
 
 
 def _sharing(item):
