@@ -38,3 +38,27 @@ def test_the_stage_is_cut_from_the_row_not_from_a_name_with_dashes():
     stage = f"{module}::test_zero_stages_match_unsharded[a-b-3]"
     parity = f"{module}::test_matches_optax[a-b]"
     assert scope_of(stage) == scope_of(parity) == f"{module}::a-b"
+
+
+class _Config:
+    """What xdist's controller asks of its config to make a scheduler."""
+
+    def __init__(self, dist: str) -> None:
+        self.values = {"dist": dist, "tx": ["2*popen"]}
+
+    def getvalue(self, name: str):
+        return self.values[name]
+
+
+def test_scripts_test_runs_the_suite_with_this_scheduler():
+    from xdist.scheduler import LoadScopeScheduling
+
+    command = (pathlib.Path(__file__).parents[1] / "scripts" / "test").read_text()
+    assert "--dist loadscope --no-loadscope-reorder" in command
+    scheduling = conftest.pytest_xdist_make_scheduler(_Config("loadscope"), None)
+    assert isinstance(scheduling, LoadScopeScheduling)
+    assert scheduling.numnodes == 2
+    row = "tests/test_conformance.py::test_zero_stages_match_unsharded[adam-1]"
+    assert scheduling._split_scope(row) == "tests/test_conformance.py::adam"
+    # any other mode is xdist's own
+    assert conftest.pytest_xdist_make_scheduler(_Config("load"), None) is None
