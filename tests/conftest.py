@@ -86,30 +86,36 @@ def pytest_xdist_make_scheduler(config, log):
     return None
 
 
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its conformance row (the stage cut
+    from ``test_zero_stages_match_unsharded``'s id), else its module."""
+    module, _, test = nodeid.partition("::")
+    if pathlib.PurePath(module).stem != CONFORMANCE or "[" not in test:
+        return module
+    function, _, param = test.partition("[")
+    param = param.removesuffix("]")
+    if function == "test_zero_stages_match_unsharded":
+        param = param.rsplit("-", 1)[0]  # the row, without the stage
+    return f"{module}::{param}"
+
+
 def _scheduling():
     from xdist.scheduler import LoadScopeScheduling
 
     class _Scheduling(LoadScopeScheduling):
-        """Units of work that share their compiled programs: a module's tests,
-        a conformance row's tests (a whole module would keep one worker busy
-        for minutes while the other waits). Units go out in collection order,
-        the table last, with ``--no-loadscope-reorder``.
+        """Units of work that share their compiled programs (``work_unit``): a
+        module's tests, a conformance row's tests (a whole module would keep
+        one worker busy for minutes while the other waits). Units go out in
+        collection order, the table last, with ``--no-loadscope-reorder``.
 
-        The scope is read from the node id, not from ``xdist_group`` marks:
+        The unit is read from the node id, not from ``xdist_group`` marks:
         with pytest 9.2 xdist no longer sees marks added during collection
         (pytest-xdist#1386), and every row's tests were spread over both
         workers, each compiling the row's four ZeRO stages.
         """
 
         def _split_scope(self, nodeid: str) -> str:
-            module, _, test = nodeid.partition("::")
-            if pathlib.PurePath(module).stem != CONFORMANCE or "[" not in test:
-                return module
-            function, _, param = test.partition("[")
-            param = param.removesuffix("]")
-            if function == "test_zero_stages_match_unsharded":
-                param = param.rsplit("-", 1)[0]  # the row, without the stage
-            return f"{module}::{param}"
+            return work_unit(nodeid)
 
     return _Scheduling
 

@@ -9,16 +9,11 @@ import pytest
 pytest.importorskip("xdist")
 
 
-def scope_of(nodeid: str) -> str:
-    scheduling = conftest._scheduling()
-    return scheduling._split_scope(object.__new__(scheduling), nodeid)
-
-
 def test_a_conformance_row_is_one_unit_and_every_other_module_is_one(request):
     rows: dict[str, set[str]] = {}  # row -> the scopes of its tests
     modules: dict[str, set[str]] = {}
     for item in request.session.items:
-        scope = scope_of(item.nodeid)
+        scope = conftest.work_unit(item.nodeid)
         module = item.nodeid.partition("::")[0]
         row = conftest._sharing(item)[1]
         if row is None:
@@ -37,7 +32,7 @@ def test_the_stage_is_cut_from_the_row_not_from_a_name_with_dashes():
     module = "tests/test_conformance.py"
     stage = f"{module}::test_zero_stages_match_unsharded[a-b-3]"
     parity = f"{module}::test_matches_optax[a-b]"
-    assert scope_of(stage) == scope_of(parity) == f"{module}::a-b"
+    assert conftest.work_unit(stage) == conftest.work_unit(parity) == f"{module}::a-b"
 
 
 class _Config:
