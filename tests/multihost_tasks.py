@@ -276,3 +276,62 @@ def hang() -> None:
         NamedSharding(mesh, PartitionSpec(DATA)),
     )
     jax.jit(jnp.sum)(x).block_until_ready()
+
+
+SPLIT_SHAPE = (64, 64)
+
+
+def split_slices_saved(ckpt_dir: str) -> dict[str, np.ndarray]:
+    """Save (in one process, 8 devices) ``w`` whole (replicated: one saved
+    slice) and ``v`` in 8 row slices, at step 1, and the same plus one at
+    step 2; return the values of step 1."""
+    mesh = make_mesh()
+    values = {
+        "w": np.arange(4096, dtype=np.float32).reshape(SPLIT_SHAPE),
+        "v": -np.arange(4096, dtype=np.float32).reshape(SPLIT_SHAPE),
+    }
+    specs = {"w": PartitionSpec(), "v": PartitionSpec(DATA)}
+    params = {
+        k: global_array(x, NamedSharding(mesh, specs[k])) for k, x in values.items()
+    }
+    with shardopt.CheckpointManager(ckpt_dir) as manager:
+        manager.save(1, params=params)
+        manager.save(2, params={k: x + 1 for k, x in params.items()})
+    return values
+
+
+def restore_split_slices(ckpt_dir: str, fallback: bool = False) -> dict:
+    """Restore the latest step of :func:`split_slices_saved` with every saved
+    slice split between the processes: ``w`` in row blocks, ``v`` in column
+    blocks. Returns the step and values (or the error) and the slices this
+    process read whole to check them."""
+    from shardopt.checkpoint import _reads
+
+    mesh = make_mesh()
+    specs = {"w": PartitionSpec(DATA), "v": PartitionSpec(None, DATA)}
+    like = {
+        k: jax.ShapeDtypeStruct(
+            SPLIT_SHAPE, jnp.float32, sharding=NamedSharding(mesh, s)
+        )
+        for k, s in specs.items()
+    }
+    read_whole, wholes = _reads._read_whole, []
+
+    def counting(t, box):
+        wholes.append(box)
+        return read_whole(t, box)
+
+    _reads._read_whole = counting
+    try:
+        with shardopt.CheckpointManager(ckpt_dir, create=False) as manager:
+            got = manager.restore(params=like, fallback=fallback)
+        out = {
+            "step": got.step,
+            "values": {k: gather(x) for k, x in got.params.items()},
+        }
+    except Exception as err:
+        out = {"error": type(err).__name__, "message": str(err)}
+    finally:
+        _reads._read_whole = read_whole
+    out["read_whole"] = wholes
+    return out

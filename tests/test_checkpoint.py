@@ -337,9 +337,9 @@ def test_each_shard_is_checked_as_it_is_read_also_onto_another_mesh(
         shards.append((name, bounds))
         shard(self, name, bounds, data)
 
-    def spy_after(leaf, records):
+    def spy_after(leaf, records, *rest):
         after.append([r["index"] for r in records])
-        return check_leaf(leaf, records)
+        return check_leaf(leaf, records, *rest)
 
     monkeypatch.setattr(_verify.Verifier, "shard", spy_shard)
     monkeypatch.setattr(_verify, "_check_leaf", spy_after)

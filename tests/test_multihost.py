@@ -359,3 +359,49 @@ def test_initialize_multihost_is_a_no_op_once_initialized(monkeypatch):
         shardopt.distributed._multihost.jax.distributed, "is_initialized", lambda: True
     )
     shardopt.initialize_multihost()  # returns without touching jax.distributed
+
+
+@multiprocess
+def test_slices_split_between_processes_are_checked_once_and_agreed_on(tmp_path):
+    """Saved in one process, restored by two with every saved slice split
+    between them: each slice is read whole and checked by exactly one of the
+    processes. A flipped byte makes every process raise the same
+    ChecksumError, whichever process found it, and fallback=True takes every
+    process back to the same intact step."""
+    ckpt = str(tmp_path / "ckpt")
+    values = tasks.split_slices_saved(ckpt)
+    result = launch("multihost_tasks:restore_split_slices", (2, 4), args=(ckpt,))
+    for value in result.values:
+        assert value.get("step") == 2, value
+        assert_params_equal(value["values"], {k: x + 1 for k, x in values.items()})
+    checked = sorted(box for value in result.values for box in value["read_whole"])
+    assert checked == sorted(
+        [[[0, 64], [0, 64]]] + [[[r, r + 8], [0, 64]] for r in range(0, 64, 8)]
+    )  # w whole, v's eight rows: each once
+    files = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(os.path.join(ckpt, "2"))
+        for name in names
+        if os.sep + "d" in root and "arrays" in root
+    ]
+    (largest,) = sorted(files, key=os.path.getsize)[-1:]
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = launch("multihost_tasks:restore_split_slices", (2, 4), args=(ckpt,))
+    messages = {value.get("message") for value in result.values}
+    assert [value.get("error") for value in result.values] == ["ChecksumError"] * 2
+    assert len(messages) == 1, messages  # the same on every process
+    (message,) = messages
+    assert "step 2" in message and "process" in message, message
+    result = launch(
+        "multihost_tasks:restore_split_slices",
+        (2, 4),
+        args=(ckpt,),
+        kwargs={"fallback": True},
+    )
+    for value in result.values:
+        assert value.get("step") == 1, value
+        assert_params_equal(value["values"], values)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -39,6 +40,10 @@ class ShardSink(Protocol):
 
     def shard(self, name: str, bounds: list[list[int]], data: np.ndarray) -> None:
         """One distinct shard of ``name``, read (called in Orbax's event loop)."""
+
+    def opened(self, name: str, read_whole: Callable[[list], np.ndarray]) -> None:
+        """``name`` is being read; ``read_whole(box)`` reads any slice of it
+        (``[start, stop)`` per axis) from the files, after the restore's read."""
 
 
 class _Read:
@@ -58,6 +63,8 @@ class _Read:
             # the array's key in the item: the kvstore path's last part
             key = t.kvstore.path.rstrip("/").rsplit("/", 1)[-1]
             found = self._stores[id(t)] = (t, self.names.get(key), t.dtype.numpy_dtype)
+            if self.sink is not None and found[1] is not None:
+                self.sink.opened(found[1], functools.partial(_read_whole, t))
         return found
 
 
@@ -101,6 +108,11 @@ def _which_shard(read: _Read, t, kwargs: dict, out: np.ndarray) -> tuple:
         return name, [[a, b] for a, b in bounds]
     except (AttributeError, KeyError, TypeError, ValueError):
         return None, None
+
+
+def _read_whole(t, box: list[list[int]]) -> np.ndarray:
+    """The slice ``box`` of the saved array ``t``, read from the files."""
+    return t[tuple(slice(a, b) for a, b in box)].read().result()
 
 
 def _noting_tasks(original: Callable) -> Callable:

@@ -28,11 +28,15 @@ import itertools
 import math
 import os
 import re
+import zlib
+from collections.abc import Callable
 
+import jax
 import numpy as np
 
+from ..distributed._multihost import gather_texts
 from ._checksum import as_bytes, digest, hasher, recorded
-from ._errors import ChecksumError, CorruptCheckpointError
+from ._errors import CheckpointError, ChecksumError, CorruptCheckpointError
 from ._tree import nested_paths
 
 _POOL = concurrent.futures.ThreadPoolExecutor(
@@ -58,14 +62,18 @@ def _key(bounds: list[list[int]]) -> tuple:
     return tuple(tuple(pair) for pair in bounds)
 
 
-def _check_leaf(leaf, records: list[dict]) -> str | None:
+def _check_leaf(
+    leaf, records: list[dict], read_whole: Callable[[list], np.ndarray] | None = None
+) -> str | None:
     """``None`` if every slice of ``records`` (each with a recorded value) that
-    this process can see matches, else why.
+    this process is to check matches, else why.
 
     The check after the read, from the leaf's shards as restored (one local
     copy of each distinct slice: every slice this process read is checked, a
     replica too): each slice that one shard contains, as in the read, then
-    the slices split over shards.
+    the slices split over local shards. A slice split between processes is
+    checked by one of the processes that read part of it (``_owner``), which
+    reads it whole from the files (``read_whole``).
     """
     distinct: dict[tuple, tuple] = {}
     for s in leaf.addressable_shards:
@@ -76,7 +84,26 @@ def _check_leaf(leaf, records: list[dict]) -> str | None:
     for bounds, data in shards:
         check.shard(bounds, data)
     check.split(shards, leaf.dtype)
+    for record in check.waiting:  # split between processes
+        if read_whole is None or _owner(record["index"], leaf) != jax.process_index():
+            continue
+        got = digest(read_whole(record["index"]), recorded(record)[0])
+        check._compare(record, got)
     return check.problem
+
+
+def _owner(region: list[list[int]], leaf) -> int:
+    """The process that checks a saved slice split between processes: one of
+    those whose shards overlap it, the slices spread over them by place (the
+    same choice on every process)."""
+    readers = sorted(
+        {
+            device.process_index
+            for device, index in leaf.sharding.devices_indices_map(leaf.shape).items()
+            if _overlap(region, _shard_bounds(index, leaf.shape)) is not None
+        }
+    )
+    return readers[zlib.crc32(repr(region).encode()) % len(readers)]
 
 
 def _mismatch(region: list[list[int]]) -> str:
@@ -178,7 +205,9 @@ class _LeafCheck:
         self.waiting = waiting
 
     def split(self, shards: list[tuple[list, np.ndarray]], dtype) -> None:
-        """Check the slices split over ``shards`` (every local one), band by band."""
+        """Check the slices split over ``shards`` (every local one), band by
+        band; those not all local (split between processes) stay waiting."""
+        waiting = []
         for record in self.waiting:
             got = _region_digest(
                 record["index"],
@@ -187,9 +216,11 @@ class _LeafCheck:
                 dtype,
                 recorded(record)[0],
             )
-            if got is not None:  # None: partly read by another process
+            if got is None:
+                waiting.append(record)
+            else:
                 self._compare(record, got)
-        self.waiting = []
+        self.waiting = waiting
 
     def _compare(self, record: dict, got: int) -> None:
         if got != recorded(record)[1] and self.problem is None:
@@ -221,6 +252,7 @@ class Verifier:
             if by_leaf.get(i)
         }
         self._leaves: dict[str, _LeafCheck] = {}
+        self._whole: dict[str, Callable[[list], np.ndarray]] = {}
         self._failed: BaseException | None = None
 
     def shard(self, name: str, bounds: list[list[int]], data) -> None:
@@ -241,10 +273,49 @@ class Verifier:
         except Exception as err:  # raised by finish, as itself
             self._failed = err
 
+    def opened(self, name: str, read_whole: Callable[[list], np.ndarray]) -> None:
+        """``read_whole(box)``: any slice of ``name`` as saved, read from the
+        files (for the slices split between processes, see ``_check_leaf``)."""
+        self._whole[name] = read_whole
+
     def finish(self, got: dict) -> None:
-        """Check what is left, wait, raise if any leaf differs."""
-        if self._failed is not None:
-            raise self._failed
+        """Check what is left, wait, and raise if any leaf differs: on every
+        process of the job, whichever process found it."""
+        failed, bad = self._failed, []
+        if failed is None:
+            try:
+                bad = self._check_the_rest(got)
+            except Exception as err:  # raised below, after the others are told
+                failed = err
+        leaves = ", ".join(f"{name} ({problem})" for name, problem in bad[:20])
+        found = (
+            f"{len(bad)} array(s) differ from what was saved: {leaves}" if bad else ""
+        )
+        if failed is not None:
+            found = f"{_UNCHECKED} ({type(failed).__name__}: {failed})"
+        if jax.process_count() > 1:  # every process raises, or none
+            texts = gather_texts(found)
+            found = "; ".join(f"process {i}: {t}" for i, t in enumerate(texts) if t)
+            bad = [t for t in texts if t and not t.startswith(_UNCHECKED)]
+            if failed is None and found and not bad:
+                raise CheckpointError(
+                    f"step {self.step} in {self.directory} could not be verified: "
+                    f"{found}"
+                )
+        if failed is not None:
+            raise failed
+        if bad:
+            files = data_files(self.directory, self.step, self.item_dir)
+            shown = ", ".join(os.path.relpath(f, self.directory) for f in files[:3])
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            raise ChecksumError(
+                f"step {self.step} in {self.directory} is corrupted: {found}; the "
+                f"bytes are in {os.path.join(str(self.step), self.item_dir)} "
+                f"(files {shown}{more})"
+            )
+
+    def _check_the_rest(self, got: dict) -> list[tuple[str, str]]:
+        """``(leaf, problem)`` of every leaf that differs, the rest checked."""
         problems, jobs = {}, {}
         for item, tree in got.items():
             for path, leaf in nested_paths(tree).items():
@@ -253,21 +324,13 @@ class Verifier:
                 if check is not None and check.problem:
                     problems[name] = check.problem
                 elif rest := (check.waiting if check else self._records.get(name)):
-                    jobs[name] = _POOL.submit(_check_leaf, leaf, rest)
+                    whole = self._whole.get(name)
+                    jobs[name] = _POOL.submit(_check_leaf, leaf, rest, whole)
         problems.update({name: job.result() for name, job in jobs.items()})
-        bad = [(name, problem) for name, problem in problems.items() if problem]
-        if bad:
-            files = data_files(self.directory, self.step, self.item_dir)
-            shown = ", ".join(os.path.relpath(f, self.directory) for f in files[:3])
-            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-            leaves = ", ".join(f"{name} ({problem})" for name, problem in bad[:20])
-            raise ChecksumError(
-                f"step {self.step} in {self.directory} is corrupted: {len(bad)} "
-                f"array(s) differ from what was saved: {leaves}; the bytes are in "
-                f"{os.path.join(str(self.step), self.item_dir)} (files {shown}{more})"
-            )
+        return [(name, problem) for name, problem in problems.items() if problem]
 
 
+_UNCHECKED = "the check itself failed"
 _KEY = re.compile(r'Error reading "([^"]+)"')
 _FILE = re.compile(r'local file "([^"]+)"')
 _SIZES = re.compile(r"byte range \[\d+, (\d+)\) is not valid for value of size (\d+)")

@@ -259,16 +259,23 @@ def check_processes_agree(**items: Any) -> None:
     # Every process took this branch (they all see the same digests), so the
     # second collective is matched on every process.
     text = "\n".join(f"== {name}\n{described[name]}" for name in differ)
-    encoded = text.encode()[:_DETAIL_BYTES]
-    padded = np.zeros(_DETAIL_BYTES + 4, np.uint8)
+    raise ProcessMismatchError(_mismatch_message(differ, flat, gather_texts(text)))
+
+
+def gather_texts(text: str, limit: int = _DETAIL_BYTES) -> list[str]:
+    """Every process's ``text`` (its first ``limit`` bytes), by process index.
+
+    A collective: every process of the job must call it at the same point.
+    """
+    encoded = text.encode()[:limit]
+    padded = np.zeros(limit + 4, np.uint8)
     padded[:4] = np.frombuffer(np.uint32(len(encoded)).tobytes(), np.uint8)
     padded[4 : 4 + len(encoded)] = np.frombuffer(encoded, np.uint8)
-    gathered = multihost_utils.process_allgather(padded)
     texts = []
-    for row in gathered:
+    for row in multihost_utils.process_allgather(padded):
         size = int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])
         texts.append(row[4 : 4 + size].tobytes().decode(errors="replace"))
-    raise ProcessMismatchError(_mismatch_message(differ, flat, texts))
+    return texts
 
 
 def _mismatch_message(names: list[str], digests: np.ndarray, texts: list[str]) -> str:
