@@ -300,11 +300,14 @@ def split_slices_saved(ckpt_dir: str) -> dict[str, np.ndarray]:
     return values
 
 
-def restore_split_slices(ckpt_dir: str, fallback: bool = False) -> dict:
+def restore_split_slices(
+    ckpt_dir: str, fallback: bool = False, fail_once_on: int | None = None
+) -> dict:
     """Restore the latest step of :func:`split_slices_saved` with every saved
     slice split between the processes: ``w`` in row blocks, ``v`` in column
     blocks. Returns the step and values (or the error) and the slices this
-    process read whole to check them."""
+    process read whole to check them. With ``fail_once_on``, the first shard
+    that process reads fails."""
     from shardopt.checkpoint import _reads
 
     mesh = make_mesh()
@@ -322,6 +325,14 @@ def restore_split_slices(ckpt_dir: str, fallback: bool = False) -> dict:
         return read_whole(t, box)
 
     _reads._read_whole = counting
+    which_shard = _reads._which_shard
+
+    def failing_once(*args):  # a read that fails on this process only
+        _reads._which_shard = which_shard
+        raise OSError("simulated: a chunk could not be read")
+
+    if jax.process_index() == fail_once_on:
+        _reads._which_shard = failing_once
     try:
         with shardopt.CheckpointManager(ckpt_dir, create=False) as manager:
             got = manager.restore(params=like, fallback=fallback)
@@ -332,6 +343,6 @@ def restore_split_slices(ckpt_dir: str, fallback: bool = False) -> dict:
     except Exception as err:
         out = {"error": type(err).__name__, "message": str(err)}
     finally:
-        _reads._read_whole = read_whole
+        _reads._read_whole, _reads._which_shard = read_whole, which_shard
     out["read_whole"] = wholes
     return out

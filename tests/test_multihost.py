@@ -405,3 +405,23 @@ def test_slices_split_between_processes_are_checked_once_and_agreed_on(tmp_path)
     for value in result.values:
         assert value.get("step") == 1, value
         assert_params_equal(value["values"], values)
+
+
+@multiprocess
+def test_a_read_failing_on_one_process_fails_on_every_process(tmp_path):
+    """A read that fails on process 1 only: every process raises
+    CorruptCheckpointError (none goes on with the step alone), and with
+    fallback=True every process restores the same earlier step."""
+    ckpt = str(tmp_path / "ckpt")
+    values = tasks.split_slices_saved(ckpt)
+    target = "multihost_tasks:restore_split_slices"
+    result = launch(target, (2, 4), args=(ckpt,), kwargs={"fail_once_on": 1})
+    errors = [value.get("error") for value in result.values]
+    assert errors == ["CorruptCheckpointError"] * 2, result.values
+    assert "process 1" in result.values[0]["message"], result.values[0]
+    assert "simulated" in result.values[1]["message"], result.values[1]
+    kwargs = {"fail_once_on": 1, "fallback": True}
+    result = launch(target, (2, 4), args=(ckpt,), kwargs=kwargs)
+    for value in result.values:
+        assert value.get("step") == 1, value
+        assert_params_equal(value["values"], values)

@@ -17,6 +17,7 @@ from jaxtyping import PyTree
 
 from .._hyperparams import as_count
 from .._optimizer import Optimizer
+from ..distributed._multihost import gather_texts
 from . import _housekeeping as house
 from ._checksum import collect
 from ._errors import (
@@ -465,17 +466,10 @@ class CheckpointManager:
             for path, target in empty.items():
                 put_path(got, path, empty_like(target))
         except Exception as err:
-            damaged = read_error(err, step, self.directory, ARRAYS)
-            if damaged is not None:
-                raise damaged from err
-            raise CheckpointError(
-                f"reading step {step} from {self.directory} failed: "
-                f"{type(err).__name__}: {first_line(err)}. An array file may be "
-                f"truncated or corrupted: run `shardopt-ckpt verify "
-                f"{self.directory} --step {step}`"
-            ) from err
+            raise self._read_failure(err, step) from err
         finally:
             self._reader.sink = None
+        self._agree_on_the_read(step)
         if verifier is not None:
             verifier.finish({n: got[n] for n in wanted})
 
@@ -501,6 +495,35 @@ class CheckpointManager:
                 rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
             out["rng"] = rng
         return Restored(**out)
+
+    def _read_failure(self, err: Exception, step: int) -> CheckpointError:
+        """The error to raise for ``err``, a failed read of ``step``."""
+        damaged = read_error(err, step, self.directory, ARRAYS)
+        if damaged is not None:
+            return damaged
+        return CheckpointError(
+            f"reading step {step} from {self.directory} failed: "
+            f"{type(err).__name__}: {first_line(err)}. An array file may be "
+            f"truncated or corrupted: run `shardopt-ckpt verify "
+            f"{self.directory} --step {step}`"
+        )
+
+    def _agree_on_the_read(self, step: int) -> None:
+        """In a job of several processes, raise on every process if the read
+        failed on any (the reader kept its error): so that none goes on with
+        the step, or falls back to an earlier one, alone."""
+        failed, self._reader.failed = self._reader.failed, None
+        if jax.process_count() == 1:
+            return
+        error = None if failed is None else self._read_failure(failed, step)
+        texts = gather_texts("" if error is None else str(error))
+        if error is not None:
+            raise error from failed
+        if found := [f"process {i}: {text}" for i, text in enumerate(texts) if text]:
+            raise CorruptCheckpointError(
+                f"step {step} in {self.directory} could not be read by every "
+                f"process: {'; '.join(found)}"
+            )
 
     def _read_arrays(self, step: int, targets: dict[str, Nested]) -> dict:
         """Read the parts of the arrays item that ``targets`` name, in their layout."""

@@ -27,6 +27,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import serialization
@@ -153,12 +154,17 @@ class ReadHookArrayHandler(ArrayHandler):
     The arrays are read in one Orbax call (with Orbax's concurrency); with a
     sink set, the sink gets each distinct shard once TensorStore has read it.
     If any array fails to read, the others are let finish before the error
-    is raised. Saving is Orbax's, unchanged.
+    is raised; in a job of several processes it is kept in ``failed`` instead,
+    and the read returns stand-ins, so that this process still meets the
+    others at the barrier that ends Orbax's restore (the restore then raises
+    on every process, once they have told each other). Saving is Orbax's,
+    unchanged.
     """
 
     def __init__(self) -> None:
         super().__init__(array_metadata_store=array_metadata_store.Store())
         self.sink: ShardSink | None = None
+        self.failed: Exception | None = None
         # reads the arrays without the array metadata file (it only wraps
         # typed PRNG keys; ours are saved as raw key data)
         self._array_reader = ArrayHandler()
@@ -170,15 +176,25 @@ class ReadHookArrayHandler(ArrayHandler):
         token = _READ.set(read)  # the read's tasks copy this context
         try:
             return await self._array_reader.deserialize(infos, args)
-        except Exception:
+        except Exception as err:
             # no read is left running once the restore has failed: the others
             # (arrays and their shards) are let finish; cancelled, TensorStore
             # would still call back into Orbax's event loop after it closed
             while pending := [task for task in read.tasks if not task.done()]:
                 await asyncio.wait(pending)
-            raise
+            if jax.process_count() == 1:
+                raise
+            self.failed = err
+            return [_stand_in(arg) for arg in args]
         finally:
             _READ.reset(token)
+
+
+def _stand_in(arg: Any) -> jax.Array:
+    """Zeros in the layout an array was to be restored in (``arg``, its
+    restore arguments), put in its place when its read failed."""
+    shard = np.zeros(arg.sharding.shard_shape(arg.global_shape), arg.dtype)
+    return jax.make_array_from_callback(arg.global_shape, arg.sharding, lambda _: shard)
 
 
 def keypath_name(info: Any) -> str:
