@@ -465,11 +465,12 @@ class CheckpointManager:
             got = self._read_arrays(step, reads) if reads else {}
             for path, target in empty.items():
                 put_path(got, path, empty_like(target))
+        except CheckpointError:
+            raise
         except Exception as err:
             raise self._read_failure(err, step) from err
         finally:
             self._reader.sink = None
-        self._agree_on_the_read(step)
         if verifier is not None:
             verifier.finish({n: got[n] for n in wanted})
 
@@ -543,6 +544,7 @@ class CheckpointManager:
                 }
             ),
         )
+        self._agree_on_the_read(step)
         return dict(got[ARRAYS])
 
     def _resolve(self, step: int | None) -> int:
