@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -75,3 +77,36 @@ def arrays_equal(a, b):
         x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
         for x, y in zip(la, lb, strict=True)
     )
+
+
+def array_files(directory) -> list[str]:
+    """The files holding array bytes under a step directory."""
+    found = []
+    for root, _, files in os.walk(directory):
+        if os.sep + "d" in root[len(str(directory)) :] and "arrays" in root:
+            found += [os.path.join(root, f) for f in files]
+    return found
+
+
+def damage(directory, how: str, lands=lambda: True) -> str:
+    """Truncate the largest array data file of a step to half, or flip a
+    byte of it: in the middle, or, unless ``lands()`` says the flip hit the
+    bytes meant (not OCDBT's index, say, which the writer may place there),
+    a third of the way in, two thirds, and so on. Returns the file's name."""
+    (name,) = sorted(array_files(directory), key=os.path.getsize)[-1:]
+    size = os.path.getsize(name)
+    if how == "truncate":
+        os.truncate(name, size // 2)
+        return os.path.basename(name)
+    for where in (1 / 2, 1 / 3, 2 / 3, 1 / 4, 3 / 4, 1 / 5, 4 / 5):
+        with open(name, "r+b") as f:
+            f.seek(int(size * where))
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0xFF]))
+        if lands():
+            return os.path.basename(name)
+        with open(name, "r+b") as f:  # undone
+            f.seek(int(size * where))
+            f.write(bytes([byte]))
+    raise AssertionError(f"no flipped byte of {name} landed where meant")

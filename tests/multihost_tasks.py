@@ -301,7 +301,10 @@ def split_slices_saved(ckpt_dir: str) -> dict[str, np.ndarray]:
 
 
 def restore_split_slices(
-    ckpt_dir: str, fallback: bool = False, fail_once_on: int | None = None
+    ckpt_dir: str,
+    fallback: bool = False,
+    fail_once_on: int | None = None,
+    verify: bool | None = None,
 ) -> dict:
     """Restore the latest step of :func:`split_slices_saved` with every saved
     slice split between the processes: ``w`` in row blocks, ``v`` in column
@@ -335,7 +338,7 @@ def restore_split_slices(
         _reads._which_shard = failing_once
     try:
         with shardopt.CheckpointManager(ckpt_dir, create=False) as manager:
-            got = manager.restore(params=like, fallback=fallback)
+            got = manager.restore(params=like, fallback=fallback, verify=verify)
         out = {
             "step": got.step,
             "values": {k: gather(x) for k, x in got.params.items()},

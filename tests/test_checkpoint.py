@@ -11,7 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _ckpt_helpers import abstract, arrays_equal, mesh, model, replicate, trained, zero1
+from _ckpt_helpers import (
+    abstract,
+    array_files,
+    arrays_equal,
+    mesh,
+    model,
+    replicate,
+    trained,
+    zero1,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -190,14 +199,6 @@ def test_blocking_save(tmp_path):
     assert os.listdir(tmp_path) == ["1"]
 
 
-def _array_files(directory):
-    found = []
-    for root, _, files in os.walk(directory):
-        if os.sep + "d" in root[len(str(directory)) :] and "arrays" in root:
-            found += [os.path.join(root, f) for f in files]
-    return found
-
-
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupted_array_file(tmp_path, damage, caplog):
     params = {"w": jnp.arange(4096.0).reshape(64, 64)}
@@ -205,7 +206,7 @@ def test_corrupted_array_file(tmp_path, damage, caplog):
         ckpt.save(1, params=params)
         ckpt.save(2, params={"w": params["w"] + 1})
     # the largest data file holds w's bytes
-    files = sorted(_array_files(tmp_path / "2"), key=os.path.getsize)[-1:]
+    files = sorted(array_files(tmp_path / "2"), key=os.path.getsize)[-1:]
     assert files
     for name in files:
         with open(name, "rb") as f:
@@ -240,7 +241,7 @@ def test_corrupted_without_intact_step(tmp_path):
     params = {"w": jnp.arange(256.0)}
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, params=params)
-    for name in _array_files(tmp_path / "1"):
+    for name in array_files(tmp_path / "1"):
         with open(name, "r+b") as f:
             f.seek(40)
             f.write(b"\xff" * 16)
@@ -355,7 +356,7 @@ def test_each_shard_is_checked_as_it_is_read_also_onto_another_mesh(
         + [("params/b", [[0, 32]]), ("params/b", [[32, 64]]), ("params/s", [])]
     )
     assert after == [[[[r, r + 8], [0, 64]] for r in range(0, 64, 8)]]  # w only
-    (name,) = sorted(_array_files(tmp_path / "1"), key=os.path.getsize)[-1:]
+    (name,) = sorted(array_files(tmp_path / "1"), key=os.path.getsize)[-1:]
     with open(name, "r+b") as f:
         f.seek(os.path.getsize(name) // 3)
         byte = f.read(1)

@@ -4,7 +4,6 @@ could not hand over checked after the read."""
 from __future__ import annotations
 
 import itertools
-import os
 import zlib
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import xxhash
+from _ckpt_helpers import damage
 from orbax.checkpoint._src.serialization import serialization
 
 from shardopt.checkpoint import (
@@ -51,34 +51,6 @@ def test_orbax_shard_reads_are_hooked_and_tell_no_one_else(tmp_path, monkeypatch
     assert _reads._READ.get() is None
 
 
-def _damage(directory, how, lands=lambda: True):
-    """Truncate the largest array data file to half, or flip a byte of it:
-    in the middle, or, unless ``lands()`` says the flip hit the bytes meant
-    (not OCDBT's index, say, which the writer may place there under load),
-    a third of the way in, two thirds, and so on."""
-    found = []
-    for root, _, files in os.walk(directory):
-        if os.sep + "d" in root and "arrays" in root:
-            found += [os.path.join(root, f) for f in files]
-    (name,) = sorted(found, key=os.path.getsize)[-1:]
-    size = os.path.getsize(name)
-    if how == "truncate":
-        os.truncate(name, size // 2)
-        return os.path.basename(name)
-    for where in (1 / 2, 1 / 3, 2 / 3, 1 / 4, 3 / 4, 1 / 5, 4 / 5):
-        with open(name, "r+b") as f:
-            f.seek(int(size * where))
-            byte = f.read(1)[0]
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte ^ 0xFF]))
-        if lands():
-            return os.path.basename(name)
-        with open(name, "r+b") as f:  # undone
-            f.seek(int(size * where))
-            f.write(bytes([byte]))
-    raise AssertionError(f"no flipped byte of {name} landed where meant")
-
-
 @pytest.mark.parametrize("checked", ["as read", "after the read", "not (verify=False)"])
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_damage_is_caught_among_ten_arrays(tmp_path, monkeypatch, how, checked):
@@ -112,7 +84,7 @@ def test_damage_is_caught_among_ten_arrays(tmp_path, monkeypatch, how, checked):
         ]
         return differ == ["big"]
 
-    damaged = _damage(tmp_path / "2", how, only_big_differs)
+    damaged = damage(tmp_path / "2", how, only_big_differs)
     if how == "flip" and verify is False:
         got = CheckpointManager(tmp_path).restore(params=params, verify=False)
         assert got.step == 2 and not np.array_equal(
