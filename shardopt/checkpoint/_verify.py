@@ -12,8 +12,10 @@ slice that one shard contains is hashed there. A slice split over shards
 (saved in another layout) is hashed after the read, from the restored
 arrays (on an accelerator, copied back to the host), band by band, the
 hash chained; so is every shard the reader could not hand over (one read
-with a cast). A slice only partly read by this process is left to the
-processes that read the rest.
+with a cast). A slice split between processes is checked by one of the
+processes that read part of it, which reads it whole from the files. In a
+job of several processes every process raises what any process found, so
+that none goes on with the step, or falls back to an earlier one, alone.
 
 Damaged files are named: a short read names the OCDBT key and, from the size
 TensorStore reports, the data file that is too short; a checksum mismatch names
