@@ -86,24 +86,26 @@ def _check_leaf(
     for bounds, data in shards:
         check.shard(bounds, data)
     check.split(shards, leaf.dtype)
-    for record in check.waiting:  # split between processes
-        if read_whole is None or _owner(record["index"], leaf) != jax.process_index():
-            continue
-        got = digest(read_whole(record["index"]), recorded(record)[0])
-        check._compare(record, got)
+    if not check.waiting or read_whole is None:
+        return check.problem
+    # split between processes: every process's distinct shards, worked out once
+    placed = {
+        (device.process_index, _key(_shard_bounds(index, leaf.shape)))
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items()
+    }
+    for record in check.waiting:
+        if _owner(record["index"], placed) == jax.process_index():
+            got = digest(read_whole(record["index"]), recorded(record)[0])
+            check._compare(record, got)
     return check.problem
 
 
-def _owner(region: list[list[int]], leaf) -> int:
+def _owner(region: list[list[int]], placed: set[tuple[int, tuple]]) -> int:
     """The process that checks a saved slice split between processes: one of
-    those whose shards overlap it, the slices spread over them by place (the
-    same choice on every process)."""
+    those whose shards (``placed``: process and bounds) overlap it, the slices
+    spread over them by place (the same choice on every process)."""
     readers = sorted(
-        {
-            device.process_index
-            for device, index in leaf.sharding.devices_indices_map(leaf.shape).items()
-            if _overlap(region, _shard_bounds(index, leaf.shape)) is not None
-        }
+        {process for process, bounds in placed if _overlap(region, bounds) is not None}
     )
     return readers[zlib.crc32(repr(region).encode()) % len(readers)]
 
@@ -295,18 +297,19 @@ class Verifier:
         )
         if failed is not None:
             found = f"{_UNCHECKED} ({type(failed).__name__}: {failed})"
+        corrupt = bool(bad)
         if jax.process_count() > 1:  # every process raises, or none
             texts = gather_texts(found)
             found = "; ".join(f"process {i}: {t}" for i, t in enumerate(texts) if t)
-            bad = [t for t in texts if t and not t.startswith(_UNCHECKED)]
-            if failed is None and found and not bad:
+            corrupt = any(t and not t.startswith(_UNCHECKED) for t in texts)
+            if failed is None and found and not corrupt:
                 raise CheckpointError(
                     f"step {self.step} in {self.directory} could not be verified: "
                     f"{found}"
                 )
         if failed is not None:
             raise failed
-        if bad:
+        if corrupt:
             files = data_files(self.directory, self.step, self.item_dir)
             shown = ", ".join(os.path.relpath(f, self.directory) for f in files[:3])
             more = f" and {len(files) - 3} more" if len(files) > 3 else ""
