@@ -32,6 +32,7 @@ from ._tree import (
     TreeStructure,
     check_grads_match,
     check_per_example_grads_match,
+    distinct_buffers,
     is_trainable,
     trainable,
 )
@@ -110,6 +111,7 @@ class Optimizer(eqx.Module):
         plan: ShardingPlan | None = None,
         fuse: bool | None = None,
     ):
+        held = (transform, params)  # the caller's arrays (see _own_buffers)
         transform = as_transform(transform, "the Optimizer's transform")
         check_fuse(fuse)
         self.layout = None
@@ -125,6 +127,7 @@ class Optimizer(eqx.Module):
                 transform, params, plan, fuse
             )
             self.transform_leaves, self.transform_structure = _flat(transform)
+            self._own_buffers(held)
             return
         self.plan = None
         params = trainable(params)
@@ -138,6 +141,19 @@ class Optimizer(eqx.Module):
         else:
             self.stored_state = transform.init(params)
             self.count = jnp.zeros([], jnp.int32)
+            self._own_buffers(held)
+
+    def _own_buffers(self, held: Any) -> None:
+        """Every array leaf in buffers of its own, none of them ``held`` (the
+        transform given and the parameters). A training step that donates
+        the parameters and the optimizer (``filter_jit(donate="all")``)
+        fails on a buffer given twice, and an initial state may be a
+        parameter or a hyperparameter itself; and donating the optimizer
+        must not delete the hyperparameters of the transform it was built
+        from, which the caller may build another optimizer from."""
+        self.transform_leaves, self.stored_state, self.count = distinct_buffers(
+            (self.transform_leaves, self.stored_state, self.count), held=held
+        )
 
     def __repr__(self) -> str:
         """The optimizer as a user thinks of it: transform, state (per leaf),

@@ -110,24 +110,30 @@ def _buffers(x: jax.Array) -> list[tuple[int, int]]:
     ]
 
 
-def distinct_buffers(tree: PyTree) -> PyTree:
+def distinct_buffers(tree: PyTree, held: PyTree = None) -> PyTree:
     """``tree`` with every concrete array leaf in device buffers of its own.
 
-    A leaf whose buffer an earlier leaf already uses (the same array placed
-    twice, or ``device_put`` of one value into several leaves) is copied.
-    Donating a tree whose leaves share a buffer fails ("donate the same buffer
-    twice"), so every restore path returns its trees through this.
+    A leaf whose buffer an earlier leaf, or a leaf of ``held`` (what the
+    caller keeps beside the tree: the parameters), already uses is copied:
+    the same array placed twice, ``device_put`` of one value into several
+    leaves, or an initial state that is the parameters or a hyperparameter
+    (``jnp.asarray(x)`` is ``x``). Donating leaves that share a buffer fails
+    ("donate the same buffer twice"), so every restore path and every new
+    :class:`~shardopt.Optimizer` returns its trees through this.
     """
-    seen: set[tuple[int, int]] = set()
+    live = lambda x: (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and not x.is_deleted()
+    )
+    seen = {b for x in jax.tree.leaves(held) if live(x) for b in _buffers(x)}
 
     def own(x):
-        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
-            return x
-        if x.is_deleted():
+        if not live(x):
             return x
         buffers = _buffers(x)
-        if seen.intersection(buffers):
-            x = jax.device_put(x, x.sharding, may_alias=False)
+        if seen.intersection(buffers):  # a copy, as committed as x was
+            x = jax.device_put(x, x.sharding if x.committed else None, may_alias=False)
             buffers = _buffers(x)
         seen.update(buffers)
         return x

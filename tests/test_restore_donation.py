@@ -1,9 +1,9 @@
-"""Every restore path returns leaves in buffers of their own: a donated step follows.
+"""Every new optimizer and every restore path hold leaves in buffers of their own.
 
 Donating a tree whose leaves share a device buffer fails ("Attempt to donate the
 same buffer twice"), and on several devices it has crashed the process. Each
-test restores, checks the buffers are distinct, then takes the README's donated
-train step.
+test builds or restores, checks the buffers are distinct, then takes the
+README's donated train step.
 """
 
 from __future__ import annotations
@@ -77,6 +77,44 @@ def assert_own_buffers_and_donatable(params, opt):
     params, opt = train_step(params, opt, x)
     params, opt = train_step(params, opt, x)
     assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
+
+
+# inits that return a parameter or a hyperparameter itself: SAM's cache and
+# DoG's initial parameters are the parameters; RMSProp's and Adagrad's first
+# accumulator of a scalar parameter is their initial value, a hyperparameter;
+# schedule-free's warmup schedule holds one array in several of its leaves
+ALIASING_INITS = {
+    "sam": lambda: shardopt.sam(shardopt.sgd(1e-2), shardopt.sgd(1e-2)),
+    "dog": lambda: shardopt.scale_by_distance_over_gradients(global_scale=-1.0),
+    "rmsprop": lambda: shardopt.rmsprop(1e-2),
+    "adagrad": lambda: shardopt.adagrad(1e-1),
+    "schedule_free": lambda: shardopt.schedule_free_sgd(0.1, warmup_steps=5),
+}
+
+
+@pytest.mark.parametrize("stage", [None, 1])
+@pytest.mark.parametrize("name", ALIASING_INITS)
+def test_a_new_optimizer_can_be_donated_whatever_its_init_returns(name, stage):
+    params, plan = make_params(), None
+    if stage is not None:
+        plan = shardopt.zero(stage, mesh(8), min_size=0)
+        params = plan.shard_params(params)
+    opt = shardopt.Optimizer(ALIASING_INITS[name](), params, plan=plan)
+    assert not set(buffers(params)) & set(buffers(opt)), "a parameter's buffer"
+    assert_own_buffers_and_donatable(params, opt)
+
+
+def test_donating_an_optimizer_leaves_the_transform_it_was_built_from():
+    tx = ours_tx()
+    params = make_params()
+    train_step(params, shardopt.Optimizer(tx, params), jnp.ones((8, 16)))
+    # its hyperparameters are still the caller's: another optimizer from it
+    assert not any(
+        x.is_deleted() for x in jax.tree.leaves(eqx.filter(tx, eqx.is_array))
+    )
+    assert_own_buffers_and_donatable(
+        make_params(), shardopt.Optimizer(tx, make_params())
+    )
 
 
 def test_from_optax_live_state():
