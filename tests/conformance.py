@@ -309,8 +309,11 @@ def gradient(params, step):
 TRACES = {"ours_step": 0}
 
 
-@eqx.filter_jit
-def ours_step(params, opt, step):
+@eqx.filter_jit(donate="all-except-first")
+def ours_step(step, params, opt):
+    """One step of the table, the parameters and the optimizer donated (as a
+    training loop donates them): the runs are donated steps, and so is the
+    step after a checkpoint round trip, with no program of its own."""
     TRACES["ours_step"] += 1  # Python side effect: runs once per compilation
     return opt.step(params, gradient(params, step))
 
@@ -324,7 +327,7 @@ def _oracle_step(params, state, step, *, update):
 
 @dataclasses.dataclass
 class OursRun:
-    initial: shardopt.Optimizer
+    initial: shardopt.Optimizer  # donated to the first step: shapes and dtypes
     final: shardopt.Optimizer
     params: dict[str, jax.Array]
     compilations: int  # of ours_step, over all the steps of this run
@@ -335,7 +338,7 @@ def run_ours(row: Row, steps: int = STEPS, params=None, plan=None) -> OursRun:
     initial = opt = shardopt.Optimizer(row.ours(), params, plan=plan)
     before = TRACES["ours_step"]
     for step in range(steps):
-        params, opt = ours_step(params, opt, jnp.int32(step))
+        params, opt = ours_step(jnp.int32(step), params, opt)
     return OursRun(initial, opt, params, TRACES["ours_step"] - before)
 
 

@@ -73,7 +73,7 @@ def optax_init(row, params):
 
 def ours_steps(params, opt, start, stop):
     for step in range(start, stop):
-        params, opt = ours_step(params, opt, jnp.int32(step))
+        params, opt = ours_step(jnp.int32(step), params, opt)
     return params, opt
 
 

@@ -51,7 +51,7 @@ def test_row_on_an_explicit_data_by_model_mesh(name, stage):
     params = plan.shard_params(make_shardable_params(), SPECS)
     opt = shardopt.Optimizer(ROWS_BY_NAME[name].ours(), params, plan=plan)
     for step in range(SHARDED_STEPS):  # the table's unsharded runs are shared
-        params, opt = ours_step(params, opt, jnp.int32(step))
+        params, opt = ours_step(jnp.int32(step), params, opt)
     want = unsharded(name)
     assert_trees_close(params, want.params)
     assert_trees_close((opt.state, opt.count), (want.final.state, want.final.count))
