@@ -379,7 +379,9 @@ class Optimizer(eqx.Module):
         )
         if self.plan is not None:
             state = self.plan.constrain(state, self.plan.state_shardings(state, tp))
-        return self.replace_state(state)
+        # the fresh state in buffers of its own, as from __init__ (_own_buffers)
+        held = (params, self.transform_leaves, self.count)
+        return self.replace_state(distinct_buffers(state, held=held))
 
 
 def _flat(transform: AbstractTransform) -> tuple[tuple, TreeStructure]:

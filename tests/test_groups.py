@@ -258,6 +258,23 @@ def test_reset_one_group_keeps_the_others():
     assert TRACES["train_step"] == before
 
 
+def test_a_reset_group_whose_init_returns_its_parameters_can_be_donated():
+    # SAM's fresh cache is the parameters; RMSProp's accumulator of a scalar
+    # is its initial value, a hyperparameter
+    tx = shardopt.param_groups(
+        shardopt.sam(shardopt.sgd(1e-2), shardopt.sgd(1e-2)),
+        scalar=shardopt.group("s", transform=shardopt.rmsprop(1e-2)),
+    )
+    params = {"w": jnp.ones((4, 3)), "s": jnp.float32(2.0)}
+    donated = eqx.filter_jit(donate="all")(
+        lambda p, o: o.step(p, jax.tree.map(jnp.ones_like, p))
+    )
+    params, opt = donated(params, shardopt.Optimizer(tx, params))
+    for name in ("default", "scalar"):
+        params, opt = donated(params, opt.reset_group(name, params))
+    assert int(opt.count) == 3
+
+
 def test_group_table():
     params = {
         "embed": jnp.zeros((4, 2)),
