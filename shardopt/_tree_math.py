@@ -52,10 +52,21 @@ def zeros_like(tree: PyTree, dtype: jnp.dtype | None = None) -> PyTree:
 
 
 def full_like(tree: PyTree, value: Array, dtype: jnp.dtype | None = None) -> PyTree:
-    """``value`` shaped like each leaf, in ``dtype`` (by default the leaf's)."""
-    return jax.tree.map(
-        lambda x: jnp.full(x.shape, value.astype(dtype or x.dtype)), tree
-    )
+    """``value`` shaped like each leaf, in ``dtype`` (by default the leaf's),
+    in buffers of their own: for a scalar leaf ``jnp.full`` returns ``value``
+    itself, a hyperparameter, which donating the state would delete."""
+
+    def fill(x):
+        out = jnp.full(x.shape, value.astype(dtype or x.dtype))
+        return jnp.copy(out) if out is value else out
+
+    return jax.tree.map(fill, tree)
+
+
+def copied(tree: PyTree) -> PyTree:
+    """A copy of each leaf, for a state that starts as the parameters (or a
+    hyperparameter): donating both would donate one buffer twice."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def cast(tree: PyTree, dtype: jnp.dtype | None) -> PyTree:

@@ -16,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from _ckpt_helpers import mesh
+from conformance import ROWS, make_shardable_params
 
 import shardopt
 from shardopt.checkpoint import CheckpointManager, from_optax, restore_from_optax
@@ -102,6 +103,28 @@ def test_a_new_optimizer_can_be_donated_whatever_its_init_returns(name, stage):
     opt = shardopt.Optimizer(ALIASING_INITS[name](), params, plan=plan)
     assert not set(buffers(params)) & set(buffers(opt)), "a parameter's buffer"
     assert_own_buffers_and_donatable(params, opt)
+
+
+def test_every_tables_transform_inits_buffers_of_its_own():
+    """The optax idiom (``state = tx.init(params)``, then a step donating the
+    parameters and the state) needs a state sharing no buffer with the
+    parameters, the transform or itself, as the Optimizer's does."""
+    shared = {}
+    for row in ROWS:
+        tx = row.ours()
+        if not isinstance(tx, shardopt.AbstractTransform):
+            continue  # an optax transform: optax's init
+        params = make_shardable_params()
+        with jax.numpy_dtype_promotion("standard"):
+            state = tx.init(params)
+        seen = set(buffers((params, tx)))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            eqx.filter(state, eqx.is_array)
+        ):
+            if seen.intersection(buffers(leaf)):
+                shared.setdefault(row.name, []).append(jax.tree_util.keystr(path))
+            seen.update(buffers(leaf))
+    assert not shared, shared
 
 
 def test_donating_an_optimizer_leaves_the_transform_it_was_built_from():

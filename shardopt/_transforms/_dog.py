@@ -17,7 +17,7 @@ from .._hyperparams import (
     hyperparameter,
     resolve,
 )
-from .._tree_math import add, canonical_dtype, cast, promote, squared_norm
+from .._tree_math import add, canonical_dtype, cast, copied, promote, squared_norm
 from ._dtypes import tree_dtype
 
 NEEDS_PARAMS = "{name} needs the parameters: call update(grads, state, params)."
@@ -76,7 +76,7 @@ class ScaleByDistanceOverGradients(AbstractTransform):
 
     def init(self, params: Params) -> ScaleByDistanceOverGradientsState:
         reps_rel = resolve(self.reps_rel, zero_count(), name="reps_rel")
-        start = cast(params, self.param_dtype)
+        start = copied(cast(params, self.param_dtype))
 
         def initial_distance(p, s):
             # Computed in the dtype the distances to ``s`` will have (float32
@@ -220,7 +220,7 @@ class ScaleByDoG(AbstractTransform):
         return DoGState(
             zero_count(),
             jnp.asarray(True),
-            copy(params),
+            copied(params),
             r.astype(low).astype(high),
             jnp.zeros([], high),
         )
@@ -254,12 +254,6 @@ def _sub(a: Array, b: Array) -> Array:
     return a - b
 
 
-def copy(tree: Params) -> Params:
-    """A copy of each leaf: a state leaf never shares a buffer with a parameter
-    (donating both would donate one buffer twice)."""
-    return jax.tree.map(jnp.copy, tree)
-
-
 class DoWGState(eqx.Module):
     count: Array
     init_params: Updates  # the starting parameters
@@ -288,7 +282,7 @@ class ScaleByDoWG(AbstractTransform):
         r2 = resolve(self.init_estim_sq_dist, zero_count(), name="init_estim_sq_dist")
         return DoWGState(
             zero_count(),
-            copy(params),
+            copied(params),
             jnp.zeros([], high),
             r2.astype(low).astype(high),
         )

@@ -21,11 +21,12 @@ from .._tree_math import (
     add,
     canonical_dtype,
     cast_like,
+    copied,
     promote,
     widened,
     zeros_like,
 )
-from ._dog import NEEDS_PARAMS, copy
+from ._dog import NEEDS_PARAMS
 
 
 class MadgradState(eqx.Module):
@@ -58,7 +59,7 @@ class ScaleByMadgrad(AbstractTransform):
 
     def init(self, params: Params) -> MadgradState:
         sums = lambda: zeros_like(params, self.accumulator_dtype)
-        return MadgradState(zero_count(), sums(), sums(), copy(params))
+        return MadgradState(zero_count(), sums(), sums(), copied(params))
 
     def update(
         self, grads: Updates, state: MadgradState, params: Params | None = None

@@ -32,7 +32,7 @@ from .._hyperparams import (
     resolve,
 )
 from .._interop import as_transform
-from .._tree_math import global_norm, lowest_dtype, promote, vdot
+from .._tree_math import copied, global_norm, lowest_dtype, promote, vdot
 from ._conditional import check_int
 
 
@@ -80,16 +80,16 @@ class Mechanize(AbstractTransform):
 
     def init(self, params: Params) -> MechanicState:
         dtype = lowest_dtype(params)
-        zeros = jnp.zeros([self.num_betas], dtype)
+        zeros = lambda: jnp.zeros([self.num_betas], dtype)  # a buffer each
         s_init = resolve(self.s_init, zero_count(), name="s_init")
         return MechanicState(
             base_optimizer_state=self.base_optimizer.init(params),
             count=zero_count(),
-            r=zeros,
-            m=zeros,
-            v=zeros,
+            r=zeros(),
+            m=zeros(),
+            v=zeros(),
             s=jnp.full([self.num_betas], s_init.astype(dtype)),
-            x0=params,
+            x0=copied(params),
         )
 
     def update(

@@ -42,7 +42,7 @@ class AddNoise(AbstractTransform):
 
     def init(self, params: Params) -> AddNoiseState:
         del params
-        return AddNoiseState(zero_count(), self.key_data)
+        return AddNoiseState(zero_count(), jnp.copy(self.key_data))
 
     def update(
         self, grads: Updates, state: AddNoiseState, params: Params | None = None

@@ -28,6 +28,7 @@ from .._tree_math import (
     add,
     canonical_dtype,
     cast_like,
+    copied,
     full_like,
     promote,
     storage_dtype_field,
@@ -35,7 +36,7 @@ from .._tree_math import (
     widened,
     zeros_like,
 )
-from ._dog import NEEDS_PARAMS, copy, scalar_dtypes
+from ._dog import NEEDS_PARAMS, scalar_dtypes
 from ._dog import _rounded_as as rounded_as
 
 
@@ -136,7 +137,7 @@ class ScaleByCocob(AbstractTransform):
         dtype = self.accumulator_dtype
         return COCOBState(
             zero_count(),
-            copy(params),
+            copied(params),
             zeros_like(params, dtype),
             full_like(params, eps, dtype),
             zeros_like(params, dtype),
@@ -387,7 +388,7 @@ class Prodigy(AbstractTransform):
             _stored_zeros(params, self.mu_dtype),
             _stored_zeros(params, self.nu_dtype),
             _stored_zeros(params, self.accumulator_dtype),
-            copy(params),
+            copied(params),
             d0.astype(low).astype(high),
             jnp.zeros([], high),
             zero_count(),

@@ -28,7 +28,7 @@ from .._base import (
     zero_count,
 )
 from .._interop import as_transform
-from .._tree_math import promote
+from .._tree_math import copied, promote
 from ._conditional import check_bool, check_int
 
 GradFn = Callable[[Params, int], Updates]
@@ -99,7 +99,7 @@ class SAM(AbstractTransform):
             steps_since_sync=zero_count(),
             opt_state=self.optimizer.init(params),
             adv_state=self.adv_optimizer.init(params),
-            cache=None if self.opaque_mode else params,
+            cache=None if self.opaque_mode else copied(params),
         )
 
     def update(
