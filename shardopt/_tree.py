@@ -114,7 +114,8 @@ def distinct_buffers(tree: PyTree, held: PyTree = None) -> PyTree:
     """``tree`` with every concrete array leaf in device buffers of its own.
 
     A leaf whose buffer an earlier leaf, or a leaf of ``held`` (what the
-    caller keeps beside the tree: the parameters), already uses is copied:
+    caller keeps beside the tree: the parameters, the transform an optimizer
+    was built from), already uses is copied:
     the same array placed twice, ``device_put`` of one value into several
     leaves, or an initial state that is the parameters or a hyperparameter
     (``jnp.asarray(x)`` is ``x``). Donating leaves that share a buffer fails
