@@ -51,6 +51,79 @@ def test_orbax_shard_reads_are_hooked_and_tell_no_one_else(tmp_path, monkeypatch
     assert _reads._READ.get() is None
 
 
+class _CountingJax:
+    """``jax`` with its ``device_put`` calls counted (by the number of arrays
+    each placed): what ``_reads`` sees as ``jax``."""
+
+    def __init__(self) -> None:
+        self.placed: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    def device_put(self, arrays, places):
+        self.placed.append(len(arrays))
+        return jax.device_put(arrays, places)
+
+
+@pytest.mark.parametrize("limit", [None, 2048])
+def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit):
+    """Each array's shards, replicated copies included, are placed with one
+    batched device_put, and read bitwise: sharded, replicated, partly
+    replicated on a 2-D mesh, onto another mesh, scalar, zero-size, bfloat16.
+    Under a limit on bytes in flight (2 KiB) that one array's shards exceed
+    together (3 KiB), that array is read by Orbax's own function, shard by
+    shard, and the rest are not. A plain Orbax restore is Orbax's."""
+    from orbax.checkpoint._src.serialization import limits
+
+    assert _reads.LEAN and serialization._read_and_create_array.shardopt_hook
+    devices = np.array(jax.devices()[:8])
+    line = jax.sharding.Mesh(devices, ("x",))
+    grid = jax.sharding.Mesh(devices.reshape(4, 2), ("x", "y"))
+
+    def on(mesh, *spec):
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    rows = jnp.arange(64.0 * 6).reshape(64, 6)  # 1.5 KiB
+    tree = {
+        "sharded": jax.device_put(rows, on(line, "x")),
+        "replicated": jax.device_put(rows + 1, on(line)),
+        "half": jax.device_put(rows + 2, on(grid, "x")),  # 4 shards, 2 copies each
+        "scalar": jax.device_put(jnp.float32(3.0), on(line)),
+        "empty": jax.device_put(jnp.zeros((0, 3)), on(line, "x")),
+        "bf16": jax.device_put(rows.astype(jnp.bfloat16), on(line, None, None)),
+        "big": jax.device_put(jnp.tile(rows, 2), on(line, "x")),  # 3 KiB
+    }
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=tree)
+    if limit is not None:
+        make = limits.get_byte_limiter
+        monkeypatch.setattr(limits, "get_byte_limiter", lambda n=None: make(limit))
+    onto_y = {k: on(grid, "y") if v.ndim else on(grid) for k, v in tree.items()}
+    for target in (tree, jax.tree.map(jax.device_put, tree, onto_y)):
+        counting = _CountingJax()
+        monkeypatch.setattr(_reads, "jax", counting)
+        got = CheckpointManager(tmp_path).restore(params=target).params
+        for name, want in target.items():
+            assert got[name].sharding == want.sharding, name
+            assert got[name].dtype == want.dtype, name
+            assert np.array_equal(np.asarray(got[name]), np.asarray(want)), name
+        placed = {k: len(x.sharding.addressable_devices) for k, x in target.items()}
+        del placed["empty"]  # made from the record: Orbax cannot write it
+        if limit is not None:
+            del placed["big"]  # read by Orbax's own, shard by shard
+        assert sorted(counting.placed) == sorted(placed.values())
+    counting = _CountingJax()
+    monkeypatch.setattr(_reads, "jax", counting)
+    plain = {k: v for k, v in tree.items() if k != "empty"}  # Orbax refuses it
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "plain", plain)
+        ckptr.wait_until_finished()
+        got = ckptr.restore(tmp_path / "plain", plain)
+    assert counting.placed == []
+    assert np.array_equal(got["sharded"], tree["sharded"])
+
+
 @pytest.mark.parametrize("checked", ["as read", "after the read", "not (verify=False)"])
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_damage_is_caught_among_ten_arrays(tmp_path, monkeypatch, how, checked):
