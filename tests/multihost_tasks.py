@@ -311,7 +311,7 @@ def restore_split_slices(
     blocks. Returns the step and values (or the error) and the slices this
     process read whole to check them. With ``fail_once_on``, the first shard
     that process reads fails."""
-    from shardopt.checkpoint import _reads
+    from shardopt.checkpoint import _array_read, _reads
 
     mesh = make_mesh()
     specs = {"w": PartitionSpec(DATA), "v": PartitionSpec(None, DATA)}
@@ -328,14 +328,14 @@ def restore_split_slices(
         return read_whole(t, box)
 
     _reads._read_whole = counting
-    which_shard = _reads._which_shard
+    read_into = _array_read._read_into
 
-    def failing_once(*args):  # a read that fails on this process only
-        _reads._which_shard = which_shard
+    async def failing_once(*args):  # a read that fails on this process only
+        _array_read._read_into = read_into
         raise OSError("simulated: a chunk could not be read")
 
     if jax.process_index() == fail_once_on:
-        _reads._which_shard = failing_once
+        _array_read._read_into = failing_once
     try:
         with shardopt.CheckpointManager(ckpt_dir, create=False) as manager:
             got = manager.restore(params=like, fallback=fallback, verify=verify)
@@ -346,6 +346,6 @@ def restore_split_slices(
     except Exception as err:
         out = {"error": type(err).__name__, "message": str(err)}
     finally:
-        _reads._read_whole, _reads._which_shard = read_whole, which_shard
+        _reads._read_whole, _array_read._read_into = read_whole, read_into
     out["read_whole"] = wholes
     return out

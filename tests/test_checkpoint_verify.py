@@ -20,6 +20,7 @@ from shardopt.checkpoint import (
     CheckpointManager,
     ChecksumError,
     CorruptCheckpointError,
+    _array_read,
     _reads,
     _verify,
 )
@@ -31,13 +32,13 @@ def test_orbax_shard_reads_are_hooked_and_tell_no_one_else(tmp_path, monkeypatch
     restore in the same process hands nothing to a shardopt check."""
     assert _reads.HOOKED and serialization._read_shard.shardopt_hook
     assert serialization.async_deserialize.shardopt_hook
-    told, which_shard = [], _reads._which_shard
+    told, shard = [], _verify.Verifier.shard
 
-    def spy(read, t, kwargs, out):
-        told.append(out.shape)
-        return which_shard(read, t, kwargs, out)
+    def spy(self, name, bounds, data):
+        told.append(data.shape)
+        return shard(self, name, bounds, data)
 
-    monkeypatch.setattr(_reads, "_which_shard", spy)
+    monkeypatch.setattr(_verify.Verifier, "shard", spy)
     tree = {"w": jnp.arange(64.0)}
     with CheckpointManager(tmp_path / "shardopt") as ckpt:
         ckpt.save(1, params=tree)
@@ -53,23 +54,31 @@ def test_orbax_shard_reads_are_hooked_and_tell_no_one_else(tmp_path, monkeypatch
 
 class _CountingJax:
     """``jax`` with its ``device_put`` calls counted (by the number of arrays
-    each placed): what ``_reads`` sees as ``jax``."""
+    each placed), and the arrays it copied instead of taking the host buffer
+    as it is: what ``_array_read`` sees as ``jax``."""
 
     def __init__(self) -> None:
         self.placed: list[int] = []
+        self.copied = 0
 
     def __getattr__(self, name):
         return getattr(jax, name)
 
     def device_put(self, arrays, places):
         self.placed.append(len(arrays))
-        return jax.device_put(arrays, places)
+        out = jax.block_until_ready(jax.device_put(arrays, places))
+        self.copied += sum(
+            x.size > 0 and y.unsafe_buffer_pointer() != x.ctypes.data
+            for x, y in zip(arrays, out, strict=True)
+        )
+        return out
 
 
 @pytest.mark.parametrize("limit", [None, 2048])
 def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit):
     """Each array's shards, replicated copies included, are placed with one
-    batched device_put, and read bitwise: sharded, replicated, partly
+    batched device_put, read bitwise into buffers that the CPU devices take
+    as they are (no copy after the read): sharded, replicated, partly
     replicated on a 2-D mesh, onto another mesh, scalar, zero-size, bfloat16.
     Under a limit on bytes in flight (2 KiB) that one array's shards exceed
     together (3 KiB), that array is read by Orbax's own function, shard by
@@ -102,7 +111,7 @@ def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit)
     onto_y = {k: on(grid, "y") if v.ndim else on(grid) for k, v in tree.items()}
     for target in (tree, jax.tree.map(jax.device_put, tree, onto_y)):
         counting = _CountingJax()
-        monkeypatch.setattr(_reads, "jax", counting)
+        monkeypatch.setattr(_array_read, "jax", counting)
         got = CheckpointManager(tmp_path).restore(params=target).params
         for name, want in target.items():
             assert got[name].sharding == want.sharding, name
@@ -113,8 +122,9 @@ def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit)
         if limit is not None:
             del placed["big"]  # read by Orbax's own, shard by shard
         assert sorted(counting.placed) == sorted(placed.values())
+        assert counting.copied == 0
     counting = _CountingJax()
-    monkeypatch.setattr(_reads, "jax", counting)
+    monkeypatch.setattr(_array_read, "jax", counting)
     plain = {k: v for k, v in tree.items() if k != "empty"}  # Orbax refuses it
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "plain", plain)
@@ -122,6 +132,28 @@ def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit)
         got = ckptr.restore(tmp_path / "plain", plain)
     assert counting.placed == []
     assert np.array_equal(got["sharded"], tree["sharded"])
+
+
+def test_restored_buffers_shared_by_devices_survive_a_donated_step(tmp_path):
+    """On CPU the 8 devices of a replicated restored array share the read's
+    one buffer: a step that donates it writes each device's output into a
+    buffer of its own, and every device gets the right result (were the
+    shared buffer written in place, the devices after the first would read
+    a result as their input)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = {"w": jax.device_put(jnp.arange(4096.0).reshape(64, 64), replicated)}
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+    got = CheckpointManager(tmp_path).restore(params=params).params["w"]
+    pointers = {s.data.unsafe_buffer_pointer() for s in got.addressable_shards}
+    assert len(pointers) == 1  # one host buffer for the 8 devices
+    step = jax.jit(lambda w: w * 2 + 1, donate_argnums=0, out_shardings=replicated)
+    out = jax.block_until_ready(step(got))
+    want = np.arange(4096.0).reshape(64, 64) * 2 + 1
+    for shard in out.addressable_shards:
+        assert shard.data.unsafe_buffer_pointer() not in pointers
+        assert np.array_equal(np.asarray(shard.data), want)
 
 
 @pytest.mark.parametrize("checked", ["as read", "after the read", "not (verify=False)"])

@@ -35,6 +35,7 @@ DISTRIBUTIONS = {
     "numpy": "numpy",
     "orbax": "orbax-checkpoint",
     "rich": "rich",
+    "tensorstore": "tensorstore",
     "xxhash": "xxhash",
 }
 # the same for what only examples/ imports (the ``examples`` extra)

@@ -1,37 +1,34 @@
 """Orbax's array reads, hooked: each shard handed to a sink as it is read.
 
 The restore checks every shard against the checksums recorded at save while
-its bytes are still in hand: on the host, before Orbax places them on the
+its bytes are still in hand: on the host, before they are placed on the
 devices (on an accelerator, a check of the restored arrays would copy them
-back to the host first). Orbax has no public hook there, so two of its
+back to the host first). Orbax has no public hook there, so three of its
 private functions are wrapped, once, when this module is imported:
 
-- ``serialization._read_shard`` (one shard from TensorStore into host memory)
+- ``serialization._read_and_create_array`` (one array: its shards read and
+  placed on the devices) reads with ``_array_read.read_array``, which does
+  what Orbax's does at less cost (that module says where Orbax's spends it)
+  and hands each shard to the sink; Orbax's own reads what that one does
+  not (a cast, padding, an array over the limit on bytes in flight);
+- ``serialization._read_shard`` (one shard, in Orbax's own array read)
   hands the shard to the sink;
-- it and ``serialization.async_deserialize`` (one array) note their tasks,
-  so that a failed read waits for the others instead of leaving them
+- both, and ``serialization.async_deserialize`` (one array), note their
+  tasks, so that a failed read waits for the others instead of leaving them
   reading after the restore has raised.
 
-Both wrappers act only inside a shardopt restore: its reader sets a context
+The wrappers act only inside a shardopt restore: its reader sets a context
 variable that the read's tasks inherit. Everywhere else (another Orbax user
 in the same process included) the context holds nothing and the read is
-Orbax's, unchanged. If a later Orbax renames either function, ``HOOKED`` is
-False, nothing is wrapped, and the restore checks the arrays after the read.
-
-A third, ``serialization._read_and_create_array`` (one array's shards, read
-and placed on the devices), is replaced inside a shardopt restore by a leaner
-one of the same effect: Orbax reserves bytes and calls ``jax.device_put`` once
-per shard and device (~100 us each, 464 calls for a ZeRO-1 AdamW state on 8
-devices); this reserves an array's bytes once and places all its shards in one
-batched ``device_put`` (measured: 0.75x Orbax's restore time for 1.5 MiB over
-8 CPU devices, 0.83-0.86x for 96 MiB). Where this Orbax's function has another
-signature, ``LEAN`` is False and the read is Orbax's.
+Orbax's, unchanged. If a later Orbax renames ``_read_shard`` or
+``async_deserialize``, ``HOOKED`` is False, nothing is wrapped, and the
+restore checks the arrays after the read; if ``_read_and_create_array`` has
+another signature, ``LEAN`` is False and every array is read by Orbax's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import functools
 import inspect
@@ -40,13 +37,11 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
-import tensorstore as ts
-from jax.experimental.layout import Format
-from jax.sharding import SingleDeviceSharding
 from orbax.checkpoint._src.metadata import array_metadata_store
-from orbax.checkpoint._src.serialization import limits, serialization
+from orbax.checkpoint._src.serialization import serialization
 from orbax.checkpoint.type_handlers import ArrayHandler
 
+from ._array_read import read_array
 from ._tree import entry_name
 
 
@@ -142,79 +137,20 @@ def _noting_tasks(original: Callable) -> Callable:
     return async_deserialize
 
 
-def _placing_arrays_in_one_call(original: Callable) -> Callable:
-    """``_read_and_create_array`` that, inside a shardopt read, reserves the
-    array's bytes once (Orbax: once per shard) and places its shards with one
-    batched ``device_put`` (Orbax: one call per shard and device). The same
-    bytes are read by the same ``_read_shard`` calls, concurrently, under the
-    same limit on bytes in flight: an array whose shards together exceed it
-    (or one read with padding or truncation) is read by Orbax's own."""
+def _reading_arrays_leanly(original: Callable) -> Callable:
+    """``_read_and_create_array`` that, inside a shardopt read, reads and
+    places the array with ``_array_read.read_array`` where it can, and
+    with Orbax's own function elsewhere."""
 
     async def read_and_create_array(t, *, global_shape, sharding, **kwargs):
-        def orbaxs():
-            return original(t, global_shape=global_shape, sharding=sharding, **kwargs)
-
-        if _READ.get() is None or not kwargs["strict"] or t.shape != global_shape:
-            return await orbaxs()
-        devices_by_shard = collections.defaultdict(list)  # this process's
-        for device, index in sharding.addressable_devices_indices_map(
-            global_shape
-        ).items():
-            devices_by_shard[_bounds(index, global_shape)].append(device)
-        domains = [
-            ts.IndexDomain(
-                inclusive_min=[a for a, _ in box], exclusive_max=[b for _, b in box]
-            )
-            for box in devices_by_shard
-        ]
-        limiter = kwargs["byte_limiter"]
-        nbytes = sum(
-            serialization.estimate_read_memory_footprint(t, d) for d in domains
-        )
-        if nbytes >= getattr(limiter, "max_bytes", float("inf")):
-            return await orbaxs()
-        async with limits.reserved_bytes(limiter, nbytes):
-            shards = await asyncio.gather(*(_read_one(t, d, kwargs) for d in domains))
-            copies, places = [], []
-            for shard, devices in zip(shards, devices_by_shard.values(), strict=True):
-                for device in devices:
-                    copies.append(shard)
-                    places.append(
-                        Format(
-                            kwargs["dll"],
-                            SingleDeviceSharding(
-                                device, memory_kind=sharding.memory_kind
-                            ),
-                        )
-                    )
-            placed = jax.device_put(copies, places)
-        array = jax.make_array_from_single_device_arrays(global_shape, sharding, placed)
-        return array, nbytes
+        read = _READ.get()
+        if read is not None:
+            done = await read_array(read, t, global_shape, sharding, kwargs)
+            if done is not None:
+                return done
+        return await original(t, global_shape=global_shape, sharding=sharding, **kwargs)
 
     return read_and_create_array
-
-
-async def _read_one(t, domain, kwargs: dict) -> np.ndarray:
-    """One shard, read by (the hooked) ``_read_shard``; a failed read names
-    the shard, as Orbax's does."""
-    try:
-        return await serialization._read_shard(
-            t,
-            new_shard_shape=kwargs["new_shard_shape"],
-            dtype=kwargs["dtype"],
-            requested_domain=domain,
-            restricted_domain=domain,
-        )
-    except Exception as err:
-        raise Exception(  # Orbax's type and words, which callers may match
-            f"Encountered error while reading array index: {domain}. See full "
-            f"TensorStore details: {t.spec}."
-        ) from err
-
-
-def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """A device's slices of an array as hashable ``(start, stop)`` pairs."""
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 
 
 _LEAN_SIGNATURE = {
@@ -245,7 +181,7 @@ def _install() -> tuple[bool, bool]:
         and set(inspect.signature(create).parameters) == _LEAN_SIGNATURE
     )
     if lean:
-        wrappers["_read_and_create_array"] = _placing_arrays_in_one_call
+        wrappers["_read_and_create_array"] = _reading_arrays_leanly
         found["_read_and_create_array"] = create
     for name, wrap in wrappers.items():
         if not getattr(found[name], "shardopt_hook", False):

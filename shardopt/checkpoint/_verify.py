@@ -1,11 +1,11 @@
 """Checking what a restore read against the checksums recorded at save.
 
 Every restore does it by default. Each process checks only the shards it
-reads (Orbax reads each distinct slice once and places it on every local
-device that holds it), so the cost is one hashing pass (XXH3, see
-``_checksum``) over the bytes this process read. The pass is made in the
-reading thread: Orbax's reader hands every shard over once TensorStore has
-read it, before Orbax places it on the devices (``_reads``), so the check
+reads (each distinct slice is read once and placed on every local device
+that holds it), so the cost is one hashing pass (XXH3, see ``_checksum``)
+over the bytes this process read. The pass is made in the reading thread:
+the reader hands every shard over once TensorStore has read it, before it
+is placed on the devices (``_reads``), so the check
 reads the host copy the restore already made (on an accelerator, checking
 the restored arrays would first copy them back to the host). A recorded
 slice that one shard contains is hashed there. A slice split over shards
