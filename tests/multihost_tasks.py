@@ -305,13 +305,18 @@ def restore_split_slices(
     fallback: bool = False,
     fail_once_on: int | None = None,
     verify: bool | None = None,
+    failure: str = "damaged",
+    check_fails_on: int | None = None,
 ) -> dict:
     """Restore the latest step of :func:`split_slices_saved` with every saved
     slice split between the processes: ``w`` in row blocks, ``v`` in column
     blocks. Returns the step and values (or the error) and the slices this
     process read whole to check them. With ``fail_once_on``, the first shard
-    that process reads fails."""
-    from shardopt.checkpoint import _array_read, _reads
+    that process reads fails: as a damaged file does (``failure="damaged"``)
+    or for another reason (``"memory"``: its buffer cannot be made). With
+    ``check_fails_on``, that process's check of the bytes fails (and is not
+    made), in the first step it restores."""
+    from shardopt.checkpoint import _array_read, _reads, _verify
 
     mesh = make_mesh()
     specs = {"w": PartitionSpec(DATA), "v": PartitionSpec(None, DATA)}
@@ -328,14 +333,28 @@ def restore_split_slices(
         return read_whole(t, box)
 
     _reads._read_whole = counting
-    read_into = _array_read._read_into
+    read_into, aligned_empty = _array_read._read_into, _array_read.aligned_empty
 
-    async def failing_once(*args):  # a read that fails on this process only
+    async def damaged_once(*args):  # a read that fails on this process only
         _array_read._read_into = read_into
         raise OSError("simulated: a chunk could not be read")
 
-    if jax.process_index() == fail_once_on:
-        _array_read._read_into = failing_once
+    def no_memory_once(*args):
+        _array_read.aligned_empty = aligned_empty
+        raise MemoryError("simulated: no room for a shard")
+
+    if jax.process_index() == fail_once_on and failure == "damaged":
+        _array_read._read_into = damaged_once
+    elif jax.process_index() == fail_once_on:
+        _array_read.aligned_empty = no_memory_once
+    check_shard = _verify.Verifier.shard
+
+    def check_fails(self, *args):  # this restore's check (not a fallback's)
+        _verify.Verifier.shard = check_shard
+        self._failed = MemoryError("simulated: no room to check")
+
+    if jax.process_index() == check_fails_on:
+        _verify.Verifier.shard = check_fails
     try:
         with shardopt.CheckpointManager(ckpt_dir, create=False) as manager:
             got = manager.restore(params=like, fallback=fallback, verify=verify)
@@ -346,6 +365,7 @@ def restore_split_slices(
     except Exception as err:
         out = {"error": type(err).__name__, "message": str(err)}
     finally:
-        _reads._read_whole, _array_read._read_into = read_whole, read_into
+        _reads._read_whole, _verify.Verifier.shard = read_whole, check_shard
+        _array_read._read_into, _array_read.aligned_empty = read_into, aligned_empty
     out["read_whole"] = wholes
     return out

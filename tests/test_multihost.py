@@ -367,8 +367,10 @@ def test_slices_split_between_processes_are_checked_once_and_agreed_on(tmp_path)
     """Saved in one process, restored by two with every saved slice split
     between them: each slice is read whole and checked by exactly one of the
     processes. A flipped byte makes every process raise the same
-    ChecksumError, whichever process found it, and fallback=True takes every
-    process back to the same intact step."""
+    ChecksumError, whichever process found it, also when the other process's
+    own check failed (all of them then read earlier steps together: had that
+    one raised its own error, the job would hang), and fallback=True takes
+    every process back to the same intact step."""
     ckpt = str(tmp_path / "ckpt")
     values = tasks.split_slices_saved(ckpt)
     result = launch("multihost_tasks:restore_split_slices", (2, 4), args=(ckpt,))
@@ -395,6 +397,14 @@ def test_slices_split_between_processes_are_checked_once_and_agreed_on(tmp_path)
     assert len(messages) == 1, messages  # the same on every process
     (message,) = messages
     assert "step 2" in message and "process" in message, message
+    outcomes = []
+    for process in (0, 1):  # one of them checks the damaged slice
+        kwargs = {"check_fails_on": process}
+        result = launch(
+            "multihost_tasks:restore_split_slices", (2, 4), args=(ckpt,), kwargs=kwargs
+        )
+        outcomes.append([value.get("error") for value in result.values])
+    assert ["ChecksumError"] * 2 in outcomes, outcomes  # found by the other
     result = launch(
         "multihost_tasks:restore_split_slices",
         (2, 4),
@@ -404,6 +414,23 @@ def test_slices_split_between_processes_are_checked_once_and_agreed_on(tmp_path)
     for value in result.values:
         assert value.get("step") == 1, value
         assert_params_equal(value["values"], values)
+
+
+@multiprocess
+def test_a_read_failing_otherwise_on_one_process_is_no_damage_on_any(tmp_path):
+    """A read that fails on process 1 for a reason other than a damaged file
+    (no memory for a shard): every process raises the same plain
+    CheckpointError, naming process 1's reason, and none looks for an
+    earlier step (they would read it apart: the job would hang)."""
+    ckpt = str(tmp_path / "ckpt")
+    tasks.split_slices_saved(ckpt)
+    target = "multihost_tasks:restore_split_slices"
+    kwargs = {"fail_once_on": 1, "failure": "memory", "fallback": True}
+    result = launch(target, (2, 4), args=(ckpt,), kwargs=kwargs)
+    assert [value.get("error") for value in result.values] == ["CheckpointError"] * 2
+    assert "process 1" in result.values[0]["message"], result.values[0]
+    for value in result.values:
+        assert "no room for a shard" in value["message"], value
 
 
 @multiprocess

@@ -512,19 +512,32 @@ class CheckpointManager:
     def _agree_on_the_read(self, step: int) -> None:
         """In a job of several processes, raise on every process if the read
         failed on any (the reader kept its error): so that none goes on with
-        the step, or falls back to an earlier one, alone."""
+        the step, or falls back to an earlier one, alone. Every process
+        raises the same class: ``CorruptCheckpointError`` (after which every
+        process looks for an earlier intact step, reading together) only if
+        every failed read was a damaged file, else ``CheckpointError``."""
         failed, self._reader.failed = self._reader.failed, None
         if jax.process_count() == 1:
             return
         error = None if failed is None else self._read_failure(failed, step)
-        texts = gather_texts("" if error is None else str(error))
-        if error is not None:
+        damaged = isinstance(error, CorruptCheckpointError)
+        texts = gather_texts("" if error is None else f"{int(damaged)}{error}")
+        found = {i: text[1:] for i, text in enumerate(texts) if text}
+        if not found:
+            return
+        kind = (
+            CorruptCheckpointError
+            if all(text[0] == "1" for text in texts if text)
+            else CheckpointError
+        )
+        if isinstance(error, kind):
             raise error from failed
-        if found := [f"process {i}: {text}" for i, text in enumerate(texts) if text]:
-            raise CorruptCheckpointError(
-                f"step {step} in {self.directory} could not be read by every "
-                f"process: {'; '.join(found)}"
-            )
+        if error is not None:  # damaged here, another process failed otherwise
+            raise CheckpointError(str(error)) from failed
+        raise kind(
+            f"step {step} in {self.directory} could not be read by every "
+            f"process: {'; '.join(f'process {i}: {t}' for i, t in found.items())}"
+        )
 
     def _read_arrays(self, step: int, targets: dict[str, Nested]) -> dict:
         """Read the parts of the arrays item that ``targets`` name, in their layout."""

@@ -307,9 +307,8 @@ class Verifier:
                     f"step {self.step} in {self.directory} could not be verified: "
                     f"{found}"
                 )
-        if failed is not None:
-            raise failed
-        if corrupt:
+        if corrupt:  # on every process, its own check failed or not: all
+            # of them then look for an earlier intact step, reading together
             files = data_files(self.directory, self.step, self.item_dir)
             shown = ", ".join(os.path.relpath(f, self.directory) for f in files[:3])
             more = f" and {len(files) - 3} more" if len(files) > 3 else ""
@@ -317,7 +316,9 @@ class Verifier:
                 f"step {self.step} in {self.directory} is corrupted: {found}; the "
                 f"bytes are in {os.path.join(str(self.step), self.item_dir)} "
                 f"(files {shown}{more})"
-            )
+            ) from failed
+        if failed is not None:
+            raise failed
 
     def _check_the_rest(self, got: dict) -> list[tuple[str, str]]:
         """``(leaf, problem)`` of every leaf that differs, the rest checked."""
