@@ -303,17 +303,16 @@ def split_slices_saved(ckpt_dir: str) -> dict[str, np.ndarray]:
 def restore_split_slices(
     ckpt_dir: str,
     fallback: bool = False,
-    fail_once_on: int | None = None,
+    failures: dict[int, str] | None = None,
     verify: bool | None = None,
-    failure: str = "damaged",
     check_fails_on: int | None = None,
 ) -> dict:
     """Restore the latest step of :func:`split_slices_saved` with every saved
     slice split between the processes: ``w`` in row blocks, ``v`` in column
     blocks. Returns the step and values (or the error) and the slices this
-    process read whole to check them. With ``fail_once_on``, the first shard
-    that process reads fails: as a damaged file does (``failure="damaged"``)
-    or for another reason (``"memory"``: its buffer cannot be made). With
+    process read whole to check them. ``failures`` maps a process to how the
+    first shard it reads fails: as a damaged file does (``"damaged"``) or for
+    another reason (``"memory"``: its buffer cannot be made). With
     ``check_fails_on``, that process's check of the bytes fails (and is not
     made), in the first step it restores."""
     from shardopt.checkpoint import _array_read, _reads, _verify
@@ -343,9 +342,10 @@ def restore_split_slices(
         _array_read.aligned_empty = aligned_empty
         raise MemoryError("simulated: no room for a shard")
 
-    if jax.process_index() == fail_once_on and failure == "damaged":
+    failure = (failures or {}).get(jax.process_index())
+    if failure == "damaged":
         _array_read._read_into = damaged_once
-    elif jax.process_index() == fail_once_on:
+    elif failure == "memory":
         _array_read.aligned_empty = no_memory_once
     check_shard = _verify.Verifier.shard
 

@@ -417,15 +417,20 @@ def test_slices_split_between_processes_are_checked_once_and_agreed_on(tmp_path)
 
 
 @multiprocess
-def test_a_read_failing_otherwise_on_one_process_is_no_damage_on_any(tmp_path):
+@pytest.mark.parametrize("process_0", ["reads", "reads a damaged file"])
+def test_a_read_failing_otherwise_on_one_process_is_no_damage_on_any(
+    tmp_path, process_0
+):
     """A read that fails on process 1 for a reason other than a damaged file
-    (no memory for a shard): every process raises the same plain
-    CheckpointError, naming process 1's reason, and none looks for an
-    earlier step (they would read it apart: the job would hang)."""
+    (no memory for a shard), while process 0 reads or finds a damaged file:
+    every process raises the same plain CheckpointError, naming process 1's
+    reason, and none looks for an earlier step (they would read it apart:
+    the job would hang)."""
     ckpt = str(tmp_path / "ckpt")
     tasks.split_slices_saved(ckpt)
     target = "multihost_tasks:restore_split_slices"
-    kwargs = {"fail_once_on": 1, "failure": "memory", "fallback": True}
+    failures = {1: "memory"} | ({0: "damaged"} if "damaged" in process_0 else {})
+    kwargs = {"failures": failures, "fallback": True}
     result = launch(target, (2, 4), args=(ckpt,), kwargs=kwargs)
     assert [value.get("error") for value in result.values] == ["CheckpointError"] * 2
     assert "process 1" in result.values[0]["message"], result.values[0]
@@ -441,12 +446,12 @@ def test_a_read_failing_on_one_process_fails_on_every_process(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     values = tasks.split_slices_saved(ckpt)
     target = "multihost_tasks:restore_split_slices"
-    result = launch(target, (2, 4), args=(ckpt,), kwargs={"fail_once_on": 1})
+    result = launch(target, (2, 4), args=(ckpt,), kwargs={"failures": {1: "damaged"}})
     errors = [value.get("error") for value in result.values]
     assert errors == ["CorruptCheckpointError"] * 2, result.values
     assert "process 1" in result.values[0]["message"], result.values[0]
     assert "simulated" in result.values[1]["message"], result.values[1]
-    kwargs = {"fail_once_on": 1, "fallback": True}
+    kwargs = {"failures": {1: "damaged"}, "fallback": True}
     result = launch(target, (2, 4), args=(ckpt,), kwargs=kwargs)
     for value in result.values:
         assert value.get("step") == 1, value

@@ -525,16 +525,11 @@ class CheckpointManager:
         found = {i: text[1:] for i, text in enumerate(texts) if text}
         if not found:
             return
-        kind = (
-            CorruptCheckpointError
-            if all(text[0] == "1" for text in texts if text)
-            else CheckpointError
-        )
-        if isinstance(error, kind):
+        every_damaged = all(text[0] == "1" for text in texts if text)
+        if error is not None and damaged == every_damaged:
             raise error from failed
-        if error is not None:  # damaged here, another process failed otherwise
-            raise CheckpointError(str(error)) from failed
-        raise kind(
+        kind = CorruptCheckpointError if every_damaged else CheckpointError
+        raise kind(  # and where this process's read was damaged, another's not
             f"step {step} in {self.directory} could not be read by every "
             f"process: {'; '.join(f'process {i}: {t}' for i, t in found.items())}"
         )
