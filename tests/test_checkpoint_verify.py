@@ -82,7 +82,8 @@ def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit)
     replicated on a 2-D mesh, onto another mesh, scalar, zero-size, bfloat16.
     Under a limit on bytes in flight (2 KiB) that one array's shards exceed
     together (3 KiB), that array is read by Orbax's own function, shard by
-    shard, and the rest are not. A plain Orbax restore is Orbax's."""
+    shard, and the rest are not. Either way the check is given every array's
+    shards as they are read. A plain Orbax restore is Orbax's."""
     from orbax.checkpoint._src.serialization import limits
 
     assert _reads.LEAN and serialization._read_and_create_array.shardopt_hook
@@ -108,11 +109,20 @@ def test_a_restore_places_each_array_with_one_call(tmp_path, monkeypatch, limit)
     if limit is not None:
         make = limits.get_byte_limiter
         monkeypatch.setattr(limits, "get_byte_limiter", lambda n=None: make(limit))
+    told, shard = set(), _verify.Verifier.shard
+
+    def spy(self, name, bounds, data):  # the check is given every array
+        told.add(name)
+        return shard(self, name, bounds, data)
+
+    monkeypatch.setattr(_verify.Verifier, "shard", spy)
     onto_y = {k: on(grid, "y") if v.ndim else on(grid) for k, v in tree.items()}
     for target in (tree, jax.tree.map(jax.device_put, tree, onto_y)):
         counting = _CountingJax()
         monkeypatch.setattr(_array_read, "jax", counting)
+        told.clear()
         got = CheckpointManager(tmp_path).restore(params=target).params
+        assert told == {f"params/{k}" for k in tree if k != "empty"}
         for name, want in target.items():
             assert got[name].sharding == want.sharding, name
             assert got[name].dtype == want.dtype, name

@@ -53,8 +53,8 @@ async def read_array(
     read with padding, truncation or a cast, or one whose shards together
     exceed the limit on bytes in flight (Orbax's reserves shard by shard).
 
-    ``read`` is the restore's ``_reads._Read``: its tasks, its sink and its
-    arrays' names; ``kwargs`` are the rest of ``_read_and_create_array``'s.
+    ``read`` is the restore's ``_reads._Read``: its tasks, and where each
+    shard read is handed over; ``kwargs`` are the rest of ``_read_and_create_array``'s.
     """
     dtype = kwargs["dtype"]
     if not kwargs["strict"] or t.shape != global_shape:
@@ -107,10 +107,7 @@ async def _read_shard(read: Any, t: ts.TensorStore, box: tuple, domain) -> np.nd
             f"Encountered error while reading array index: {domain}. See full "
             f"TensorStore details: {t.spec}."
         ) from err
-    if read.sink is not None:
-        _, name, _ = read.store(t)
-        if name is not None:
-            read.sink.shard(name, [list(pair) for pair in box], out)
+    read.hand_over(t, [list(pair) for pair in box], out)
     return out
 
 

@@ -77,6 +77,11 @@ class _Read:
                 self.sink.opened(found[1], functools.partial(_read_whole, t))
         return found
 
+    def hand_over(self, t, bounds: list[list[int]], data: np.ndarray) -> None:
+        """Give the sink one distinct shard of ``t``'s array, just read."""
+        if self.sink is not None and (name := self.store(t)[1]) is not None:
+            self.sink.shard(name, bounds, data)
+
 
 _READ: contextvars.ContextVar[_Read | None] = contextvars.ContextVar(
     "shardopt_read", default=None
@@ -96,28 +101,27 @@ def _handing_shards_over(original: Callable) -> Callable:
             read.tasks.append(asyncio.current_task())
         out = await original(t, *args, **kwargs)
         if read is not None and read.sink is not None:
-            name, bounds = _which_shard(read, t, kwargs, out)
-            if name is not None:
-                read.sink.shard(name, bounds, out)
+            bounds = _saved_bounds(read, t, kwargs, out)
+            if bounds is not None:
+                read.hand_over(t, bounds, out)
         return out
 
     return read_shard
 
 
-def _which_shard(read: _Read, t, kwargs: dict, out: np.ndarray) -> tuple:
-    """``(array name, bounds)`` of a shard to hand over; ``(None, None)`` for
-    one that cannot be (its bytes are not those saved, or the read is not one
-    this Orbax describes as expected): the check after the read takes it."""
+def _saved_bounds(read: _Read, t, kwargs: dict, out: np.ndarray) -> list | None:
+    """The bounds of a shard to hand over; None for one that cannot be (its
+    bytes are not those saved, or the read is not one this Orbax describes
+    as expected): the check after the read takes it."""
     try:
         requested = kwargs["requested_domain"]
-        _, name, dtype = read.store(t)
-        if requested != kwargs["restricted_domain"] or out.dtype != dtype:
-            return None, None  # padded or cast
+        if requested != kwargs["restricted_domain"] or out.dtype != read.store(t)[2]:
+            return None  # padded or cast
         # the bounds as tuples: iterating the domain's dimensions costs ~20 us
         bounds = zip(requested.inclusive_min, requested.exclusive_max, strict=True)
-        return name, [[a, b] for a, b in bounds]
+        return [[a, b] for a, b in bounds]
     except (AttributeError, KeyError, TypeError, ValueError):
-        return None, None
+        return None
 
 
 def _read_whole(t, box: list[list[int]]) -> np.ndarray:
